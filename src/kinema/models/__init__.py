@@ -1,0 +1,1 @@
+"""Model definitions. Parameter names equal the official checkpoint keys."""

@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package (golden-vector runner, tiny fixtures)."""

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = ROOT.parent / "shared" / "golden"
+KEYS_DIR = ROOT.parent / "shared" / "reference" / "keys"
+
+
+def golden_files(pattern: str = "*.safetensors") -> list[Path]:
+    return sorted(GOLDEN_DIR.glob(pattern)) if GOLDEN_DIR.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip("../shared/golden is not present")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def keys_dir() -> Path:
+    if not KEYS_DIR.is_dir():
+        pytest.skip("../shared/reference/keys is not present")
+    return KEYS_DIR
