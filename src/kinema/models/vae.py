@@ -1,0 +1,382 @@
+"""The Wan causal video VAEs (Wan2.1: stride 4x8x8, z 16; Wan2.2: patchified, 4x16x16, z 48).
+
+Parameter names equal the official `WanVAE_` state-dict keys (`Wan2.1_VAE.pth`,
+`Wan2.2_VAE.pth`). Both models run causally in chunks: the encoder sees frame 0 alone, then
+4 frames at a time; the decoder one latent frame at a time. Every cached causal conv keeps the
+tail of its previous input in a `CausalCache` slot, which makes chunked execution equal to a
+causal conv over the whole clip, except in the temporal resamplers whose first-chunk rules the
+official code defines (reproduced here, see `Resample`).
+
+This module holds the shared blocks, the Wan2.1 encoder/decoder and the `WanVAE` wrapper;
+the Wan2.2 stages live in `vae22.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kinema.config import VAEConfig
+from kinema.errors import InputError
+
+CACHE_T = 2  # frames of context a 3-tap causal conv needs from the previous chunk
+ENCODE_CHUNK = 4  # frames per encoder chunk after the first (official schedule 1, 4, 4, ...)
+
+
+class CausalCache:
+    """Per-call state of chunked causal processing.
+
+    Holds one slot per cached conv, claimed in forward order; the counter is reset at the start
+    of every chunk so each conv finds its own slot again. Create a fresh one per encode/decode.
+    """
+
+    def __init__(self) -> None:
+        self.slots: list[Tensor | None] = []
+        self.index = 0
+
+    def begin_chunk(self) -> None:
+        self.index = 0
+
+    def peek(self) -> Tensor | None:
+        """What the next slot holds, without claiming it (None on the first chunk)."""
+        return self.slots[self.index] if self.index < len(self.slots) else None
+
+    def swap(self, value: Tensor) -> Tensor | None:
+        """Claim the next slot: store `value` there and return what it held before."""
+        idx = self.index
+        self.index += 1
+        if idx == len(self.slots):
+            self.slots.append(None)
+        old, self.slots[idx] = self.slots[idx], value
+        return old
+
+    def exchange(self, x: Tensor) -> Tensor | None:
+        """Generic conv rule: remember the last CACHE_T frames of `x`, return the old context.
+
+        A 1-frame chunk is completed with the last frame of the old context, so the stored
+        context always holds the real preceding frames.
+        """
+        old = self.peek()
+        new = x[:, :, -CACHE_T:]
+        if new.shape[2] < CACHE_T and old is not None:
+            new = torch.cat([old[:, :, -1:], new], dim=2)
+        else:
+            new = new.clone()  # a view would keep the whole chunk alive
+        return self.swap(new)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded causally in time: `2*p_t` zero frames in front (or cached frames), none behind."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size, stride=1, padding=0) -> None:
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0)
+        p_t, p_h, p_w = (padding,) * 3 if isinstance(padding, int) else padding
+        self.time_pad = 2 * p_t
+        # F.pad order: (w_left, w_right, h_top, h_bottom, t_front, t_back)
+        self.space_pad = (p_w, p_w, p_h, p_h)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        front = self.time_pad
+        if context is not None and front > 0:
+            x = torch.cat([context, x], dim=2)
+            front -= context.shape[2]
+        if front or any(self.space_pad):
+            x = F.pad(x, (*self.space_pad, front, 0))
+        return super().forward(x)
+
+
+def cached_conv(conv: CausalConv3d, x: Tensor, cache: CausalCache) -> Tensor:
+    """Run a cached causal conv: its context is the tail of the previous chunk's input."""
+    return conv(x, cache.exchange(x))
+
+
+class RMS_norm(nn.Module):
+    """L2-normalize over channels (eps 1e-12), times sqrt(C) and a per-channel `gamma`."""
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = math.sqrt(dim)
+        self.gamma = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """[norm, SiLU, conv3, norm, SiLU, dropout, conv3] + (1x1 conv shortcut when widths differ)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMS_norm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of each frame (frames folded into batch)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMS_norm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, c, h, w)
+        # [bt, 3c, h, w] -> [bt, 1, hw, 3c] -> q, k, v each [bt, 1, hw, c]
+        qkv = self.to_qkv(self.norm(y)).reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)
+        q, k, v = qkv.contiguous().chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(c)
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class _NearestUp2x(nn.Module):
+    """Nearest(-exact) x2 spatial upsampling; for a factor of 2 it is an exact copy per pixel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+class Resample(nn.Module):
+    """Spatial (and optionally temporal) down/upsampling of a [B, C, T, H, W] tensor.
+
+    `out_dim` is the spatial conv's output width for upsampling (Wan2.1 halves it, Wan2.2 keeps it).
+    """
+
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(_NearestUp2x(), nn.Conv2d(dim, out_dim or dim, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode in ("downsample2d", "downsample3d"):
+            # pad right/bottom by one, then 3x3 stride-2 conv without padding
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_upsample(x, cache)
+        b, c, t, h, w = x.shape
+        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            x = self._time_downsample(x, cache)
+        return x
+
+    def _time_upsample(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if cache.peek() is None:
+            # First chunk: no temporal step (1 frame stays 1 frame). The official code leaves a
+            # marker that makes the second chunk use zero padding and keep [zeros, its frame] as
+            # context; a one-frame zero context gives exactly that through the generic rule.
+            cache.swap(torch.zeros_like(x[:, :, -1:]))
+            return x
+        x = self.time_conv(x, cache.exchange(x))
+        b, c2, t, h, w = x.shape
+        # channel halves [c0 | c1] become consecutive frames: frame 2k <- c0[k], 2k+1 <- c1[k]
+        x = x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)
+        return x.reshape(b, c2 // 2, t * 2, h, w)
+
+    def _time_downsample(self, x: Tensor, cache: CausalCache) -> Tensor:
+        old = cache.swap(x[:, :, -1:].clone())
+        if old is None:
+            return x  # first chunk: the single frame passes through untouched
+        # stride-2 temporal conv over [previous chunk's last frame, this chunk]
+        return self.time_conv(torch.cat([old, x], dim=2))
+
+
+def _run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    for layer in head:
+        x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+    return x
+
+
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def _head(dim: int, out: int) -> nn.Sequential:
+    return nn.Sequential(RMS_norm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+
+
+class Encoder3d(nn.Module):
+    """Wan2.1 encoder: flat `downsamples` list of residual/attention blocks and resamplers."""
+
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, attn_scales,
+                 temperal_downsample) -> None:
+        super().__init__()
+        dims = [dim * m for m in (1, *dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        scale = 1.0
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                mode = "downsample3d" if temperal_downsample[i] else "downsample2d"
+                layers.append(Resample(out_dim, mode))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], z_dim)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = cached_conv(self.conv1, x, cache)
+        for layer in (*self.downsamples, *self.middle):
+            x = layer(x, cache)
+        return _run_head(self.head, x, cache)
+
+
+class Decoder3d(nn.Module):
+    """Wan2.1 decoder: flat `upsamples` list; each upsampler halves the width."""
+
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, attn_scales,
+                 temperal_upsample) -> None:
+        super().__init__()
+        dims = [dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0])
+        layers: list[nn.Module] = []
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
+                layers.append(Resample(out_dim, mode, out_dim=out_dim // 2))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*layers)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, x: Tensor, cache: CausalCache, first_chunk: bool = False) -> Tensor:
+        x = cached_conv(self.conv1, x, cache)
+        for layer in (*self.middle, *self.upsamples):
+            x = layer(x, cache)
+        return _run_head(self.head, x, cache)
+
+
+class WanVAE(nn.Module):
+    """A Wan video VAE (official `WanVAE_` keys) with normalized-latent encode/decode.
+
+    The latent mean/std are not parameters: they are rebuilt from `cfg` on each call, so the
+    model can be created on the meta device and loaded with `assign=True`.
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        if cfg.version not in ("2.1", "2.2"):
+            raise ValueError(f"unknown VAE version {cfg.version!r}")
+        if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+            raise ValueError("latents_mean/latents_std must have z_dim entries")
+        self.cfg = cfg
+        args = (cfg.z_dim * 2, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales)
+        up = tuple(cfg.temperal_downsample[::-1])
+        if cfg.version == "2.1":
+            self.encoder = Encoder3d(cfg.dim, *args, cfg.temperal_downsample)
+            self.decoder = Decoder3d(cfg.dim, cfg.z_dim, *args[1:], up)
+        else:
+            # Imported here: vae22 builds on the blocks defined in this module.
+            from kinema.models.vae22 import Decoder3d22, Encoder3d22
+
+            self.encoder = Encoder3d22(cfg.dim, *args, cfg.temperal_downsample)
+            self.decoder = Decoder3d22(cfg.dec_dim or cfg.dim, cfg.z_dim, *args[1:], up)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    def _scale(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(mean, 1/std) as [1, z, 1, 1, 1] float32, like the official wrapper's `scale`."""
+        mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32, device=device)
+        inv_std = 1.0 / torch.tensor(self.cfg.latents_std, dtype=torch.float32, device=device)
+        return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
+
+    def _check_video(self, video: Tensor) -> None:
+        s = self.cfg.spatial_stride
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise InputError(f"VAE encode expects a video [B, 3, T, H, W], got shape {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        if (t - 1) % ENCODE_CHUNK != 0:
+            raise InputError(f"VAE encode needs 1 + 4n frames, got {t}")
+        if h == 0 or w == 0 or h % s or w % s:
+            raise InputError(f"VAE encode needs height and width multiples of {s}, got {h}x{w}")
+
+    def encode(self, video: Tensor) -> Tensor:
+        """Video [B, 3, T, H, W] in [-1, 1] -> normalized mean latent [B, z, 1+(T-1)/4, H/s, W/s]."""
+        self._check_video(video)
+        with torch.no_grad():
+            x = video.to(self.dtype)
+            if self.cfg.patch_size > 1:
+                from kinema.models.vae22 import patchify
+
+                x = patchify(x, self.cfg.patch_size)
+            cache = CausalCache()
+            chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(ENCODE_CHUNK, dim=2))
+            outs = []
+            for chunk in chunks:
+                cache.begin_chunk()
+                outs.append(self.encoder(chunk, cache))
+            mu = self.conv1(torch.cat(outs, dim=2))[:, : self.cfg.z_dim].float()
+            mean, inv_std = self._scale(mu.device)
+            return (mu - mean) * inv_std
+
+    def decode_chunks(self, z: Tensor, clamp: bool = True) -> Iterator[Tensor]:
+        """Decode a normalized latent one latent frame at a time, yielding float32 video pieces
+        [B, 3, t, H, W] (t = 1 for latent frame 0, then 4 each)."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
+            raise InputError(f"VAE decode expects a latent [B, {self.cfg.z_dim}, T, H, W], got {tuple(z.shape)}")
+        return self._decode_iter(z, clamp)
+
+    def _decode_iter(self, z: Tensor, clamp: bool) -> Iterator[Tensor]:
+        with torch.no_grad():
+            mean, inv_std = self._scale(z.device)
+            # official denormalization: divide by the stored reciprocal, then add the mean
+            x = self.conv2((z.float() / inv_std + mean).to(self.dtype))
+        cache = CausalCache()
+        for i in range(x.shape[2]):
+            # no_grad per chunk only: grad mode must not leak to the caller across yields
+            with torch.no_grad():
+                cache.begin_chunk()
+                out = self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
+                if self.cfg.patch_size > 1:
+                    from kinema.models.vae22 import unpatchify
+
+                    out = unpatchify(out, self.cfg.patch_size)
+                out = out.float()
+                if clamp:
+                    out = out.clamp_(-1.0, 1.0)
+            yield out
+
+    def decode(self, z: Tensor, clamp: bool = True) -> Tensor:
+        """Normalized latent [B, z, T', H', W'] -> float32 video [B, 3, 1+4(T'-1), H, W]."""
+        return torch.cat(list(self.decode_chunks(z, clamp)), dim=2)

@@ -1,0 +1,43 @@
+"""Golden runner for the `vae21` / `vae22` cases: encode a video, decode the latent."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kinema.config import VAEConfig
+from kinema.models.vae import WanVAE
+
+_VERSIONS = {"vae21": "2.1", "vae22": "2.2"}
+
+
+def build(case) -> WanVAE:
+    """The case's VAE, built on meta from `params.ctor` and assign-loaded with its weights (strict)."""
+    ctor = case.params["ctor"]
+    cfg = VAEConfig(
+        version=_VERSIONS[case.kind],
+        dim=int(ctor["dim"]),
+        dec_dim=int(ctor["dec_dim"]) if ctor.get("dec_dim") is not None else None,
+        z_dim=int(ctor["z_dim"]),
+        dim_mult=tuple(int(m) for m in ctor["dim_mult"]),
+        num_res_blocks=int(ctor["num_res_blocks"]),
+        attn_scales=tuple(float(s) for s in ctor.get("attn_scales", ())),
+        temperal_downsample=tuple(bool(f) for f in ctor["temperal_downsample"]),
+        latents_mean=tuple(case.inputs["latents_mean"].tolist()),
+        latents_std=tuple(case.inputs["latents_std"].tolist()),
+    )
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    weights = case.weights_under("vae") or case.weights
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()
+
+
+def run(case) -> dict[str, Tensor]:
+    model = build(case)
+    mu = model.encode(case.inputs["video"])
+    return {
+        "mu": mu,
+        "decoded_raw": model.decode(mu, clamp=False),
+        "decoded": model.decode(mu, clamp=True),
+    }
