@@ -341,11 +341,12 @@ class WanVAE(nn.Module):
 
                 x = patchify(x, self.cfg.patch_size)
             cache = CausalCache()
-            chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(ENCODE_CHUNK, dim=2))
+            # chunks [0:1], [1:5], [5:9], ...: each yields one latent frame
+            bounds = [0, *range(1, x.shape[2] + 1, ENCODE_CHUNK)]
             outs = []
-            for chunk in chunks:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
                 cache.begin_chunk()
-                outs.append(self.encoder(chunk, cache))
+                outs.append(self.encoder(x[:, :, lo:hi], cache))
             mu = self.conv1(torch.cat(outs, dim=2))[:, : self.cfg.z_dim].float()
             mean, inv_std = self._scale(mu.device)
             return (mu - mean) * inv_std

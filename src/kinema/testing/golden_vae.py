@@ -9,11 +9,18 @@ from kinema.config import VAEConfig
 from kinema.models.vae import WanVAE
 
 _VERSIONS = {"vae21": "2.1", "vae22": "2.2"}
+# Official `WanVAE_` constructor defaults, used for any argument a case leaves out.
+_DEFAULTS = {
+    "vae21": dict(dim=128, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[True, True, False]),
+    "vae22": dict(dim=160, dec_dim=256, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                  attn_scales=[], temperal_downsample=[True, True, False]),
+}
 
 
 def build(case) -> WanVAE:
     """The case's VAE, built on meta from `params.ctor` and assign-loaded with its weights (strict)."""
-    ctor = case.params["ctor"]
+    ctor = {**_DEFAULTS[case.kind], **case.params.get("ctor", case.meta.get("constructor_kwargs", {}))}
     cfg = VAEConfig(
         version=_VERSIONS[case.kind],
         dim=int(ctor["dim"]),
@@ -35,7 +42,8 @@ def build(case) -> WanVAE:
 
 def run(case) -> dict[str, Tensor]:
     model = build(case)
-    mu = model.encode(case.inputs["video"])
+    # The official call encodes video[0] only (wrapper takes a list of [3, T, H, W]).
+    mu = model.encode(case.inputs["video"][:1])
     return {
         "mu": mu,
         "decoded_raw": model.decode(mu, clamp=False),
