@@ -221,40 +221,6 @@ class T5Encoder(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def transformers_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a transformers `UMT5EncoderModel` state dict (diffusers `text_encoder/`) to official keys."""
-    fixed = {
-        "shared.weight": "token_embedding.weight",
-        "encoder.final_layer_norm.weight": "norm.weight",
-    }
-    per_layer = {
-        "layer.0.layer_norm.weight": "norm1.weight",
-        "layer.0.SelfAttention.q.weight": "attn.q.weight",
-        "layer.0.SelfAttention.k.weight": "attn.k.weight",
-        "layer.0.SelfAttention.v.weight": "attn.v.weight",
-        "layer.0.SelfAttention.o.weight": "attn.o.weight",
-        "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
-        "layer.1.layer_norm.weight": "norm2.weight",
-        "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",
-        "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
-        "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
-    }
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if key in fixed:
-            out[fixed[key]] = value
-        elif key == "encoder.embed_tokens.weight":
-            out.setdefault("token_embedding.weight", value)  # tied copy of shared.weight
-        elif key.startswith("encoder.block."):
-            index, rest = key[len("encoder.block."):].split(".", 1)
-            if rest not in per_layer:
-                raise CheckpointError(f"unexpected umT5 key {key!r}")
-            out[f"blocks.{index}.{per_layer[rest]}"] = value
-        else:
-            raise CheckpointError(f"unexpected umT5 key {key!r}")
-    return out
-
-
 class TextEncoder:
     """Tokenizer + `T5Encoder`: prompts -> one [L_i, dim] feature matrix per prompt.
 
