@@ -292,6 +292,7 @@ def _diffusers_loop(cls, schedule, x, overwrite, model):
     return xs
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers
 @pytest.mark.parametrize("name", ["unipc", "dpm++"])
 def test_post_step_matches_diffusers_scheduler(name):
     diffusers = pytest.importorskip("diffusers")
