@@ -229,9 +229,10 @@ class TextEncoder:
 
     Why no padding to `text_len`: padded keys are masked out of every attention row, and the
     relative bias depends only on key-minus-query offsets, so the rows of the real tokens are
-    the same whether the encoder sees L or 512 positions (padded *query* rows are computed by
-    the official code and then thrown away). Running on the true length saves ~512/L of the
-    work; prompts of equal length are batched together.
+    the same (up to float round-off from other matmul shapes) whether the encoder sees L or 512
+    positions; the official code computes the padded *query* rows and then throws them away.
+    Running on the true length cuts the work by a factor of about 512/L; prompts of equal
+    length are batched together.
     """
 
     def __init__(self, tokenizer: "UMT5Tokenizer", model: T5Encoder, text_len: int | None = None) -> None:
