@@ -270,3 +270,61 @@ def test_attention_backend_registry():
         attention(q, k, v, backend="fake")
     with pytest.raises(ValueError, match=">= 1"):
         attention(q, k, v, k_lens=[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# independent oracle: diffusers' port with the same weights (head_dim 64, 2 heads)
+
+_TO_DIFFUSERS = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"\.modulation$", ".scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"self_attn\.([qkv])\.", r"attn1.to_\1."),
+    (r"self_attn\.o\.", "attn1.to_out.0."),
+    (r"self_attn\.norm_", "attn1.norm_"),
+    (r"cross_attn\.([qkv])\.", r"attn2.to_\1."),
+    (r"cross_attn\.o\.", "attn2.to_out.0."),
+    (r"cross_attn\.norm_", "attn2.norm_"),
+    (r"\.norm3\.", ".norm2."),
+    (r"ffn\.0\.", "ffn.net.0.proj."),
+    (r"ffn\.2\.", "ffn.net.2."),
+]
+
+
+@torch.no_grad()
+def test_matches_diffusers_port_other_head_dim():
+    import re
+
+    diffusers = pytest.importorskip("diffusers")
+    cfg = DiTConfig(model_type="t2v", text_len=16, in_dim=8, dim=128, ffn_dim=160, freq_dim=256,
+                    text_dim=32, out_dim=8, num_heads=2, num_layers=2)
+    model = _tiny(cfg, seed=5)
+    ref_model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=8,
+        out_channels=8, text_dim=32, freq_dim=256, ffn_dim=160, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    ).eval()
+
+    def rename(key):
+        for pattern, repl in _TO_DIFFUSERS:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    ref_model.load_state_dict({rename(k): v for k, v in model.state_dict().items()}, strict=True)
+    x, t, ctx = _inputs(batch=2, frames=3, h=6, w=8, seed=2, cfg=cfg)
+    padded = torch.zeros(2, cfg.text_len, cfg.text_dim)  # diffusers gets the zero-padded context
+    for i, c in enumerate(ctx):
+        padded[i, : c.shape[0]] = c
+    ours, ref = model(x, t, ctx), ref_model(x, t, padded, return_dict=False)[0]
+    # diffusers' float32 sinusoid costs ~1e-5; wrong RoPE splits or orders cost >1e-2
+    assert (ours - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+    n = 3 * 3 * 4
+    t_tok = torch.full((1, n), 900.0)
+    t_tok[0, :12] = 0.0
+    ours, ref = model(x[:1], t_tok, ctx[:1]), ref_model(x[:1], t_tok, padded[:1], return_dict=False)[0]
+    assert (ours - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())

@@ -158,9 +158,8 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
         # Normalize in float32, round to the input dtype, then scale (official order).
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return normed.to(x.dtype) * self.weight
 
 
@@ -196,6 +195,7 @@ class WanSelfAttention(nn.Module):
         k_lens: Tensor | None = None,
     ) -> Tensor:
         """x [B, L, dim]; context [B, Lc, dim] (cross-attention) or None (self-attention)."""
+        x = x.to(self.q.weight.dtype)  # cast once for q/k/v (a no-op for float32 weights)
         kv_src = x if context is None else context
         v = self._heads(_linear(self.v, kv_src))
         q = self._heads(self.norm_q(_linear(self.q, x)))
@@ -422,7 +422,10 @@ class WanModel(nn.Module):
         length = h.shape[1]
         tc = self.embed_time(t, batch, n, length)
         ctx = self.embed_text(context, batch)
+        # The dtype attention will run in: v's weight dtype, or the autocast dtype if one is active.
         attn_dtype = self.blocks[0].self_attn.v.weight.dtype if len(self.blocks) else torch.float32
+        if torch.is_autocast_enabled(h.device.type):
+            attn_dtype = torch.get_autocast_dtype(h.device.type)
         rope = self._rope(grid, length, h.device, attn_dtype)
         # Every sample has the same grid, so one key length for all; None when nothing is padded.
         k_lens = None if length == n else torch.full((batch,), n, dtype=torch.int64)
