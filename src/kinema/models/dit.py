@@ -1,13 +1,14 @@
 """The Wan diffusion transformer (official `WanModel`), written from the Wan2.2 spec (§2).
 
 Parameter names equal the official checkpoint keys, so a checkpoint loads with
-`load_state_dict(sd, strict=True)`. The RoPE table is computed on the fly (float64) and is
-neither a parameter nor a buffer.
+`load_state_dict(sd, strict=True)`. The RoPE table is computed on the fly from float64 angles
+and cached as a plain attribute: neither a parameter nor a buffer, so `.to(dtype)` leaves it be.
 
 Precision: the time MLP, the modulation sums, every LayerNorm, the head and the residual stream
 are float32 whatever the weight dtype (as in the official code); the other Linear layers and
 the patch embedding compute in their weight dtype, and attention runs in the dtype of v. With
 float32 weights everything is float32 and RoPE/sinusoid are float64: the official numerics.
+With half-precision attention (weights or autocast) the rotation itself runs in float32.
 """
 
 from __future__ import annotations
