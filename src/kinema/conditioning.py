@@ -1,0 +1,188 @@
+"""Task conditioning: image preprocessing and the tensors a task adds to the shared loop.
+
+Everything here is cheap and deterministic (no model calls):
+
+- TI2V-5B image path (spec §6.4): `best_output_size` picks an output size near a target area
+  with the image's aspect ratio, `ti2v_image_tensor` resizes (PIL LANCZOS) and centre-crops.
+- I2V-A14B (spec §6.3): `i2v_latent_size` follows the image's aspect ratio inside a maximum
+  area, `i2v_image_tensor` resizes with bicubic interpolation (no crop), `i2v_frame_mask`
+  marks latent frame 0 as known.
+- `token_timestep_mask`: per-token multipliers of the timestep (0 on tokens of frame 0 in the
+  TI2V image path, 1 elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+
+ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray]  # noqa: F821
+
+
+def load_image(image: ImageLike) -> "PIL.Image.Image":  # noqa: F821
+    """An RGB PIL image from a path, a PIL image or a uint8 array [H, W, 3]; InputError if unusable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"an image array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        img = Image.fromarray(image)
+    else:
+        path = Path(image)
+        if not path.exists():
+            raise InputError(f"image not found: {path}")
+        if not path.is_file():
+            raise InputError(f"image is not a file: {path}")
+        try:
+            with Image.open(path) as opened:
+                opened.load()  # decode now: a truncated file fails here, not later
+                img = opened.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"cannot read image {path}: {reason}") from None
+    img = img.convert("RGB")
+    if img.width < 1 or img.height < 1:
+        raise InputError("the image is empty")
+    return img
+
+
+def _to_unit_range(img: "PIL.Image.Image") -> Tensor:  # noqa: F821
+    """PIL RGB -> float32 [3, H, W] in [-1, 1]: x/255 then (x - 0.5)/0.5 (official order)."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3]
+    x = arr.permute(2, 0, 1).to(torch.float32) / 255.0
+    return (x - 0.5) / 0.5
+
+
+# ----------------------------------------------------------------------------- TI2V-5B
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: float) -> tuple[int, int]:
+    """(width, height), multiples of (dw, dh), of area about `expected_area` and the ratio w/h.
+
+    Two candidates: round the width down first, or the height down first; the one whose aspect
+    ratio is closer to the image's wins (ties go to the height-first candidate).
+    """
+    ratio = w / h
+    ow = math.sqrt(expected_area * ratio)
+    oh = expected_area / ow
+    ow1 = int(ow // dw * dw)
+    oh1 = int(expected_area / ow1 // dh * dh) if ow1 > 0 else 0
+    oh2 = int(oh // dh * dh)
+    ow2 = int(expected_area / oh2 // dw * dw) if oh2 > 0 else 0
+    if min(ow1, oh1) <= 0 and min(ow2, oh2) <= 0:
+        raise InputError(
+            f"a {w}x{h} image cannot fit an output of about {expected_area:g} pixels in multiples of {dw}x{dh}"
+        )
+    if min(ow1, oh1) <= 0:
+        return ow2, oh2
+    if min(ow2, oh2) <= 0:
+        return ow1, oh1
+    r1, r2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+def ti2v_image_tensor(img: "PIL.Image.Image", size: tuple[int, int]) -> Tensor:  # noqa: F821
+    """Resize (LANCZOS, covering `size`) and centre-crop to size = (ow, oh) -> [3, 1, oh, ow] in [-1, 1]."""
+    from PIL import Image
+
+    ow, oh = size
+    w0, h0 = img.size
+    scale = max(ow / w0, oh / h0)
+    resized = img.resize((round(w0 * scale), round(h0 * scale)), Image.LANCZOS)
+    x0 = (resized.width - ow) // 2
+    y0 = (resized.height - oh) // 2
+    cropped = resized.crop((x0, y0, x0 + ow, y0 + oh))
+    return _to_unit_range(cropped).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- I2V-A14B
+
+
+def i2v_latent_size(w0: int, h0: int, max_area: float, stride: int, patch: int) -> tuple[int, int]:
+    """Latent (width, height) following the image's aspect ratio within `max_area` pixels.
+
+    lat_h = ⌊⌊sqrt(A·h0/w0) / stride⌋ / patch⌋·patch (same for the width with w0/h0), so the
+    pixel size (stride·lat) is a multiple of stride·patch; no cropping happens.
+    """
+    aspect = h0 / w0
+    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
+    if lat_h < patch or lat_w < patch:
+        raise InputError(
+            f"a {w0}x{h0} image cannot fit an output of about {max_area:g} pixels "
+            f"in multiples of {stride * patch}"
+        )
+    return lat_w, lat_h
+
+
+def i2v_image_tensor(img: "PIL.Image.Image", size: tuple[int, int]) -> Tensor:  # noqa: F821
+    """Bicubic resize (float32, no antialias, no clamp) of the [-1, 1] image to size = (w, h) -> [3, h, w]."""
+    w, h = size
+    x = _to_unit_range(img)[None]
+    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)[0]
+
+
+def i2v_conditioning_video(image: Tensor, frames: int) -> Tensor:
+    """[3, h, w] image followed by frames-1 zero (mid-grey) frames -> [3, frames, h, w]."""
+    rest = image.new_zeros(image.shape[0], frames - 1, *image.shape[1:])
+    return torch.cat([image[:, None], rest], dim=1)
+
+
+def i2v_frame_mask(channels: int, latent_frames: int, lat_h: int, lat_w: int) -> Tensor:
+    """[channels, T_lat, h, w] float32: 1 on latent frame 0 (the known image), 0 elsewhere.
+
+    The official mask marks pixel frame 0 only, repeats it `temporal stride` times and folds
+    groups of that many pixel frames into channels, which leaves every channel 1 exactly on
+    latent frame 0.
+    """
+    mask = torch.zeros(channels, latent_frames, lat_h, lat_w, dtype=torch.float32)
+    mask[:, 0] = 1.0
+    return mask
+
+
+# ----------------------------------------------------------------------------- per-token t
+
+
+def token_timestep_mask(latent_frames: int, lat_h: int, lat_w: int, patch: tuple[int, int, int],
+                        first_frame_known: bool) -> Tensor:
+    """One multiplier per DiT token [T'·H'·W'] in (f, h, w) order: 0 on tokens of latent frame 0
+    when the first frame is known (TI2V image path), 1 elsewhere."""
+    pt, ph, pw = patch
+    mask = torch.ones(latent_frames, lat_h, lat_w, dtype=torch.float32)
+    if first_frame_known:
+        mask[0] = 0.0
+    # one value per patch (the mask is constant within a patch along h and w)
+    return mask[::pt, ::ph, ::pw].flatten()
+
+
+def token_timesteps(mask: Tensor, t: Tensor, seq_len: int) -> Tensor:
+    """Per-token timesteps [1, seq_len] float32: mask·t on real tokens, t on padding."""
+    t = t.to(torch.float32).reshape(())
+    tokens = mask.to(torch.float32) * t
+    if seq_len > tokens.numel():
+        tokens = torch.cat([tokens, tokens.new_full((seq_len - tokens.numel(),), t.item())])
+    return tokens[None]
+
+
+def latent_frames(frames: int, temporal_stride: int) -> int:
+    return (frames - 1) // temporal_stride + 1
+
+
+__all__ = [
+    "best_output_size", "i2v_conditioning_video", "i2v_frame_mask", "i2v_image_tensor",
+    "i2v_latent_size", "latent_frames", "load_image", "ti2v_image_tensor", "token_timestep_mask",
+    "token_timesteps",
+]
