@@ -11,14 +11,23 @@ import torch.nn.functional as F
 from conftest import golden_files
 from kinema.config import VAE21, VAE22, VAEConfig
 from kinema.errors import InputError
-from kinema.models.vae import CausalCache, CausalConv3d, WanVAE, cached_conv
-from kinema.models.vae22 import AvgDown3D, DupUp3D, patchify, unpatchify
+from kinema.models.vae import CausalCache, CausalConv3d, WanVAE, cached_conv, patchify, unpatchify
+from kinema.models.vae22 import AvgDown3D, DupUp3D
 from kinema.testing.golden import run_case
 
 TINY21 = VAEConfig(version="2.1", dim=4, z_dim=4, latents_mean=(0.1, -0.2, 0.3, 0.0),
                    latents_std=(1.5, 0.5, 2.0, 1.0))
 TINY22 = VAEConfig(version="2.2", dim=4, dec_dim=6, z_dim=8, latents_mean=(0.1,) * 8,
                    latents_std=(0.7,) * 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny convs: intra-op threads only add overhead (and stall badly on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_vae(cfg: VAEConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> WanVAE:
@@ -188,3 +197,33 @@ def test_avgdown_dupup_layout():
     r = 2 * 8 // 4
     assert torch.equal(out[0, 1, 1, 0, 1], y[0, (8 + 4 + 0 + 1) // r, 0, 0, 0])
     assert torch.equal(up(y, first_chunk=True), out[:, :, 1:])
+
+
+@pytest.mark.parametrize("cfg,frames,h,w", [
+    (VAEConfig(version="2.1", dim=8, z_dim=4, latents_mean=(0.2,) * 4, latents_std=(1.5,) * 4), 13, 24, 40),
+    (VAEConfig(version="2.2", dim=6, dec_dim=10, z_dim=8, latents_mean=(0.1,) * 8,
+               latents_std=(0.5,) * 8), 13, 48, 32),
+], ids=["2.1", "2.2"])
+def test_matches_diffusers_oracle(cfg, frames, h, w):
+    # Other widths, sizes and frame counts than the golden files; diffusers' AutoencoderKLWan
+    # ports the official chunked algorithm, so it must agree to float32 round-off.
+    diffusers = pytest.importorskip("diffusers")
+    from kinema.keymaps import vae_state_to_diffusers
+
+    model = tiny_vae(cfg, seed=11)
+    kw = dict(base_dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+              num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temperal_downsample))
+    if cfg.version == "2.2":
+        kw.update(decoder_base_dim=cfg.dec_dim, is_residual=True, in_channels=12, out_channels=12,
+                  patch_size=2, scale_factor_spatial=16)
+    oracle = diffusers.AutoencoderKLWan(**kw).eval()
+    oracle.load_state_dict(vae_state_to_diffusers(model.state_dict(), cfg.version), strict=True)
+    video = rand_video(frames, h, w, seed=12)
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        z = model.encode(video)
+        mu = oracle.encode(video).latent_dist.mode()
+        torch.testing.assert_close(z, (mu - mean) * (1 / std), rtol=1e-5, atol=1e-5)
+        ref = oracle.decode(z * std + mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(model.decode(z), ref, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ causal conv over the whole clip, except in the temporal resamplers whose first-c
 official code defines (reproduced here, see `Resample`).
 
 This module holds the shared blocks, the Wan2.1 encoder/decoder and the `WanVAE` wrapper;
-the Wan2.2 stages live in `vae22.py`.
+the Wan2.2 residual stages live in `vae22.py`.
 """
 
 from __future__ import annotations
@@ -205,17 +205,31 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([old, x], dim=2))
 
 
-def _run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, T, H, W] -> [B, C*p*p, T, H/p, W/p]; channel index c*p*p + w_off*p + h_off."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // p, p, w // p, p)  # dims: b c t h q w r (q = h_off, r = w_off)
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: Tensor, p: int) -> Tensor:
+    """Exact inverse of `patchify`."""
+    b, cpp, t, h, w = x.shape
+    x = x.reshape(b, cpp // (p * p), p, p, t, h, w)  # dims: b c r q t h w
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
+def run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
     for layer in head:
         x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
     return x
 
 
-def _middle(dim: int) -> nn.Sequential:
+def middle_blocks(dim: int) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
-def _head(dim: int, out: int) -> nn.Sequential:
+def head_blocks(dim: int, out: int) -> nn.Sequential:
     return nn.Sequential(RMS_norm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
 
 
@@ -240,14 +254,14 @@ class Encoder3d(nn.Module):
                 layers.append(Resample(out_dim, mode))
                 scale /= 2.0
         self.downsamples = nn.Sequential(*layers)
-        self.middle = _middle(dims[-1])
-        self.head = _head(dims[-1], z_dim)
+        self.middle = middle_blocks(dims[-1])
+        self.head = head_blocks(dims[-1], z_dim)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = cached_conv(self.conv1, x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        return _run_head(self.head, x, cache)
+        return run_head(self.head, x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -258,7 +272,7 @@ class Decoder3d(nn.Module):
         super().__init__()
         dims = [dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0])
+        self.middle = middle_blocks(dims[0])
         layers: list[nn.Module] = []
         scale = 1.0 / 2 ** (len(dim_mult) - 2)
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
@@ -274,13 +288,13 @@ class Decoder3d(nn.Module):
                 layers.append(Resample(out_dim, mode, out_dim=out_dim // 2))
                 scale *= 2.0
         self.upsamples = nn.Sequential(*layers)
-        self.head = _head(dims[-1], 3)
+        self.head = head_blocks(dims[-1], 3)
 
     def forward(self, x: Tensor, cache: CausalCache, first_chunk: bool = False) -> Tensor:
         x = cached_conv(self.conv1, x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
-        return _run_head(self.head, x, cache)
+        return run_head(self.head, x, cache)
 
 
 class WanVAE(nn.Module):
@@ -315,6 +329,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
     def _scale(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """(mean, 1/std) as [1, z, 1, 1, 1] float32, like the official wrapper's `scale`."""
         mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32, device=device)
@@ -335,10 +353,8 @@ class WanVAE(nn.Module):
         """Video [B, 3, T, H, W] in [-1, 1] -> normalized mean latent [B, z, 1+(T-1)/4, H/s, W/s]."""
         self._check_video(video)
         with torch.no_grad():
-            x = video.to(self.dtype)
+            x = video.to(device=self.device, dtype=self.dtype)
             if self.cfg.patch_size > 1:
-                from kinema.models.vae22 import patchify
-
                 x = patchify(x, self.cfg.patch_size)
             cache = CausalCache()
             # chunks [0:1], [1:5], [5:9], ...: each yields one latent frame
@@ -360,9 +376,10 @@ class WanVAE(nn.Module):
 
     def _decode_iter(self, z: Tensor, clamp: bool) -> Iterator[Tensor]:
         with torch.no_grad():
+            z = z.to(device=self.device, dtype=torch.float32)
             mean, inv_std = self._scale(z.device)
             # official denormalization: divide by the stored reciprocal, then add the mean
-            x = self.conv2((z.float() / inv_std + mean).to(self.dtype))
+            x = self.conv2((z / inv_std + mean).to(self.dtype))
         cache = CausalCache()
         for i in range(x.shape[2]):
             # no_grad per chunk only: grad mode must not leak to the caller across yields
@@ -370,8 +387,6 @@ class WanVAE(nn.Module):
                 cache.begin_chunk()
                 out = self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
                 if self.cfg.patch_size > 1:
-                    from kinema.models.vae22 import unpatchify
-
                     out = unpatchify(out, self.cfg.patch_size)
                 out = out.float()
                 if clamp:

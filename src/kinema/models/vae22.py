@@ -1,4 +1,4 @@
-"""Wan2.2 VAE parts: pixel (un)shuffle, residual down/up stages with parameter-free shortcuts.
+"""Wan2.2 VAE parts: residual down/up stages with parameter-free shortcuts.
 
 Official key layout: `encoder.downsamples.{i}.downsamples.{j}` and
 `decoder.upsamples.{i}.upsamples.{j}`; the shortcuts (`avg_shortcut`) hold no parameters.
@@ -14,25 +14,11 @@ from kinema.models.vae import (
     CausalConv3d,
     Resample,
     ResidualBlock,
-    _head,
-    _middle,
-    _run_head,
+    head_blocks,
+    middle_blocks,
+    run_head,
     cached_conv,
 )
-
-
-def patchify(x: Tensor, p: int) -> Tensor:
-    """[B, C, T, H, W] -> [B, C*p*p, T, H/p, W/p]; channel index c*p*p + w_off*p + h_off."""
-    b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t, h // p, p, w // p, p)  # dims: b c t h q w r (q = h_off, r = w_off)
-    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, t, h // p, w // p)
-
-
-def unpatchify(x: Tensor, p: int) -> Tensor:
-    """Exact inverse of `patchify`."""
-    b, cpp, t, h, w = x.shape
-    x = x.reshape(b, cpp // (p * p), p, p, t, h, w)  # dims: b c r q t h w
-    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, cpp // (p * p), t, h * p, w * p)
 
 
 class AvgDown3D(nn.Module):
@@ -137,14 +123,14 @@ class Encoder3d22(nn.Module):
             stages.append(Down_ResidualBlock(in_dim, out_dim, num_res_blocks, temporal,
                                              down=i != len(dim_mult) - 1))
         self.downsamples = nn.Sequential(*stages)
-        self.middle = _middle(dims[-1])
-        self.head = _head(dims[-1], z_dim)
+        self.middle = middle_blocks(dims[-1])
+        self.head = head_blocks(dims[-1], z_dim)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = cached_conv(self.conv1, x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        return _run_head(self.head, x, cache)
+        return run_head(self.head, x, cache)
 
 
 class Decoder3d22(nn.Module):
@@ -155,14 +141,14 @@ class Decoder3d22(nn.Module):
         super().__init__()
         dims = [dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0])
+        self.middle = middle_blocks(dims[0])
         stages = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             temporal = bool(temperal_upsample[i]) if i < len(temperal_upsample) else False
             stages.append(Up_ResidualBlock(in_dim, out_dim, num_res_blocks + 1, temporal,
                                            up=i != len(dim_mult) - 1))
         self.upsamples = nn.Sequential(*stages)
-        self.head = _head(dims[-1], 12)
+        self.head = head_blocks(dims[-1], 12)
 
     def forward(self, x: Tensor, cache: CausalCache, first_chunk: bool = False) -> Tensor:
         x = cached_conv(self.conv1, x, cache)
@@ -170,4 +156,4 @@ class Decoder3d22(nn.Module):
             x = layer(x, cache)
         for layer in self.upsamples:
             x = layer(x, cache, first_chunk)
-        return _run_head(self.head, x, cache)
+        return run_head(self.head, x, cache)
