@@ -32,24 +32,69 @@ def info(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What the video should show."),
-    image: Optional[Path] = typer.Option(None, "--image", help="First frame for image-to-video."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the built-in model)."),
-    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's)."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
-    shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc, dpm++ or euler."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: random)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .mp4 path."),
+    image: Optional[Path] = typer.Option(
+        None, "--image", help="First frame for image-to-video (TI2V and I2V models)."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder, official or diffusers layout (default: the built-in model)."),
+    size: Optional[str] = typer.Option(
+        None, "--size", help="WIDTHxHEIGHT (default: the model's). With --image: the pixel area; "
+        "the aspect ratio follows the image."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1 (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale; 1 skips the negative pass (default: the model's)."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift (default: the model's)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc (default), dpm++ or euler."),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="What to steer away from (default: the model's negative prompt)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same video "
+                                       "(default: random, recorded in the sidecar)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output .mp4 path (default: kinema_<prompt>_<seed>.mp4 here). "
+        "A JSON sidecar with the settings is written next to it (same name, .json)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: auto)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)."),
+    no_watermark: bool = typer.Option(
+        False, "--no-watermark", help="Do not embed the invisible watermark in the frames."),
+    no_sign: bool = typer.Option(
+        False, "--no-sign", help="Do not attach signed C2PA Content Credentials to the MP4."),
 ) -> None:
-    """Generate a video from a prompt (and optionally a first-frame image)."""
+    """Generate a video from a prompt (and optionally a first-frame image).
+
+    Writes OUT.mp4 (H.264, browser-playable) and OUT.json (everything needed to reproduce it).
+    """
     from .generate_cmd import run_generate
 
     run_generate(**locals())
+
+
+@app.command()
+def train(
+    work: Path = typer.Option(Path("kinema-train"), "--work", help="Work folder (checkpoints, logs; resumable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Exported model folder (default: WORK/model)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of tokenizer,vae,latents,dit,export."),
+    tiny: bool = typer.Option(False, "--tiny", help="Minutes-scale smoke configuration."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+) -> None:
+    """Train the built-in small model from nothing (procedural data) and export it."""
+    from .train.recipe import STEPS, Recipe, run_recipe, tiny_recipe
+
+    chosen = tuple(s.strip() for s in steps.split(",")) if steps else STEPS
+    run_recipe(work, tiny_recipe() if tiny else Recipe(), chosen, out=out, threads=threads)
+
+
+@app.command("eval")
+def evaluate(
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the built-in model)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per held-out prompt."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report (JSON) here."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Also save the generated MP4s here."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
+) -> None:
+    """Score colour/shape/direction accuracy on the held-out prompts of the built-in model."""
+    from .evaluate import run_eval
+
+    run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -623,14 +622,16 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.part", dir=path.parent)
+    # A temporary name of our own (not mkstemp, whose 0600 mode would ignore the umask), renamed
+    # over the target once complete.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -787,7 +788,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
         raise ModelFolderError(f"{path} lacks a DiT, a VAE or a text encoder")
     pipe = Pipeline(loaded.spec, transformer=loaded.transformer, transformer_2=loaded.transformer_2,
                     vae=loaded.vae, text_encoder=loaded.text_encoder, device=dev, dtype=dt,
-                    offload=offload, source=str(path), layout=loaded.layout)
+                    offload=offload, source=str(path.resolve()), layout=loaded.layout)
     if not offload and dev.type != "cpu":
         for m in (pipe.transformer, pipe.transformer_2, pipe.vae):
             _move(m, dev)
