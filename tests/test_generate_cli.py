@@ -154,6 +154,15 @@ def test_image_to_video(capsys, models, image, tmp_path, kind, layout):
     assert side["image"]["path"] == str(image) and len(side["image"]["sha256"]) == 64
 
 
+def test_guidance_pair_for_two_experts(capsys, models, tmp_path):
+    out = tmp_path / "pair.mp4"
+    code, _, err = generate(capsys, "a cat", "--model", str(models["t2v-moe", "diffusers"]), "--frames", "1",
+                            "--steps", "2", "--guidance", "2.5,1", "--seed", "0", "-o", str(out))
+    assert code == 0, err
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["guidance"] == [2.5, 1.0] and side["boundary"] == pytest.approx(0.875)
+
+
 def test_default_output_name(capsys, models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, stdout, err = generate(capsys, "A Red Fox!", "--model", str(models["ti2v", "official"]),
@@ -180,6 +189,8 @@ BAD = {
     "size unparsable": (["--size", "big"], "WIDTHxHEIGHT"),
     "steps < 1": (["--steps", "0"], "steps"),
     "guidance < 0": (["--guidance", "-1"], "guidance"),
+    "guidance not a number": (["--guidance", "strong"], "guidance"),
+    "guidance pair for one DiT": (["--guidance", "3,4"], "guidance"),
     "unknown sampler": (["--sampler", "ddim"], "sampler"),
     "image missing": (["--image", "{tmp}/nope.png"], "image not found"),
     "image unreadable": (["--image", "{tmp}/broken.png"], "cannot read image"),

@@ -41,8 +41,9 @@ def generate(
         "the aspect ratio follows the image."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1 (default: the model's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(
-        None, "--guidance", help="Classifier-free guidance scale; 1 skips the negative pass (default: the model's)."),
+    guidance: Optional[str] = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale; 1 skips the negative pass. Two-expert models "
+        "also take LOW,HIGH (low-noise, high-noise expert) (default: the model's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift (default: the model's)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc (default), dpm++ or euler."),
     negative_prompt: Optional[str] = typer.Option(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import KinemaError
+from .errors import InputError, KinemaError
 
 _SLUG_MAX = 40
 
@@ -22,6 +22,22 @@ def default_output_name(prompt: str, seed: int) -> Path:
     """kinema_<prompt-slug>_<seed>.mp4 in the current folder."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:_SLUG_MAX].rstrip("-") or "video"
     return Path(f"kinema_{slug}_{seed}.mp4")
+
+
+def parse_guidance(text: str | float | None) -> float | tuple[float, float] | None:
+    """'5' -> 5.0; '3,4' -> (3.0, 4.0) = (low-noise, high-noise), the official order."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"guidance must be a number or LOW,HIGH; got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise InputError(f"guidance must be a number or LOW,HIGH; got {text!r}")
 
 
 def _model_path(model: Optional[Path]) -> Path:
@@ -56,6 +72,25 @@ class _Progress:
         self.bar.close()
 
 
+def _load_and_run(path: Path, device: Any, dtype: Optional[str], settings: Any, progress: bool,
+                  image: Any, request: dict[str, Any]) -> Any:
+    """Load the model, re-validate if the folder changed since inspection, sample, decode."""
+    from .pipeline import load
+
+    print(f"loading {path} on {device} ...", file=sys.stderr, flush=True)
+    pipe = load(path, device=device, dtype=dtype)
+    if pipe.spec != settings.spec:
+        settings = pipe.settings(settings.prompt, image, seed=settings.seed, **request)
+    w, h = settings.plan.size
+    print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
+          f"({settings.sampler}), seed {settings.seed}", file=sys.stderr, flush=True)
+    bar = _Progress(settings.steps, enabled=progress)
+    try:
+        return pipe.run(settings, callback=bar)
+    finally:
+        bar.close()
+
+
 def run_generate(
     prompt: str,
     image: Optional[Path] = None,
@@ -63,7 +98,7 @@ def run_generate(
     size: Optional[str] = None,
     frames: Optional[int] = None,
     steps: Optional[int] = None,
-    guidance: Optional[float] = None,
+    guidance: Optional[str | float] = None,
     shift: Optional[float] = None,
     sampler: Optional[str] = None,
     negative_prompt: Optional[str] = None,
@@ -78,37 +113,29 @@ def run_generate(
 ) -> Path:
     """Generate one video from the CLI options; returns the written path."""
     from .loading import inspect_folder
-    from .pipeline import check_output_path, load, resolve_device, resolve_dtype, resolve_settings
+    from .pipeline import check_output_path, resolve_device, resolve_dtype, resolve_settings
 
     start = time.perf_counter()
+    request = dict(negative_prompt=negative_prompt, size=size, frames=frames, steps=steps,
+                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler)
     path = _model_path(model)
     spec = inspect_folder(path).spec  # headers only: cheap, and it catches incomplete folders
-    settings = resolve_settings(spec, prompt, image, negative_prompt=negative_prompt, size=size,
-                                frames=frames, steps=steps, guidance=guidance, shift=shift,
-                                sampler=sampler, seed=seed)
+    settings = resolve_settings(spec, prompt, image, seed=seed, **request)
     out = Path(output) if output is not None else default_output_name(prompt, settings.seed)
     check_output_path(out)
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)
 
-    print(f"loading {path} on {dev} ...", file=sys.stderr, flush=True)
-    pipe = load(path, device=dev, dtype=dtype)
-    if pipe.spec != spec:  # the folder changed between inspection and loading
-        settings = pipe.settings(prompt, image, negative_prompt=negative_prompt, size=size, frames=frames,
-                                 steps=steps, guidance=guidance, shift=shift, sampler=sampler,
-                                 seed=settings.seed)
-    w, h = settings.plan.size
-    print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
-          f"({settings.sampler}), seed {settings.seed}", file=sys.stderr, flush=True)
-    bar = _Progress(settings.steps, enabled=progress)
     try:
-        video = pipe.run(settings, callback=bar)
-    finally:
-        bar.close()
-    video.save(out, watermark=not no_watermark, sign=not no_sign)
+        video = _load_and_run(path, dev, dtype, settings, progress, image, request)
+        video.save(out, watermark=not no_watermark, sign=not no_sign)
+    except KeyboardInterrupt:
+        import typer
+
+        raise typer.Abort() from None  # "aborted", exit 130, no traceback; no partial file stays
     seconds = time.perf_counter() - start
-    fps = f"{video.fps:g}"
-    print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {fps} fps) in {seconds:.1f} s")
+    w, h = video.size
+    print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in {seconds:.1f} s")
     return out
 
 

@@ -419,6 +419,7 @@ class Settings:
     image: Any = None  # PIL RGB image or None
     image_info: Optional[dict[str, Any]] = None
     max_area: Optional[int] = None
+    spec: Optional[ModelSpec] = None  # the model these settings were validated for
 
 
 def _image_info(source: Any, img: Any) -> dict[str, Any]:
@@ -548,7 +549,7 @@ def resolve_settings(spec: ModelSpec, prompt: str, image: Any = None, *,
         prompt=prompt, negative_prompt=negative_prompt, size=(width, height), frames=frames,
         fps=float(d.fps), steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
         boundary=d.boundary if spec.two_experts else None, plan=plan, image=pil, image_info=info,
-        max_area=max_area,
+        max_area=max_area, spec=spec,
     )
 
 
@@ -701,8 +702,11 @@ class Pipeline:
         return feats[0], (feats[1] if need_null else None)
 
     def run(self, s: Settings, *, callback: StepCallback | None = None, hooks: Hooks | None = None) -> Video:
-        """Generate from validated settings."""
+        """Generate from validated settings (made by `settings` for this model)."""
         import time
+
+        if s.spec is not None and s.spec != self.spec:
+            raise InputError(f"these settings were made for {s.spec.name}, not for {self.spec.name}")
 
         hooks = hooks or Hooks()
         start = time.perf_counter()
