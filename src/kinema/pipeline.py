@@ -29,7 +29,8 @@ import json
 import math
 import os
 import secrets
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from . import conditioning as cnd
 from .config import ModelSpec
-from .errors import InputError, KinemaError
+from .errors import InputError, KinemaError, ModelFolderError
 from .sampling import SAMPLERS, Schedule
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "assets" / "builtin"
@@ -703,8 +704,6 @@ class Pipeline:
 
     def run(self, s: Settings, *, callback: StepCallback | None = None, hooks: Hooks | None = None) -> Video:
         """Generate from validated settings (made by `settings` for this model)."""
-        import time
-
         if s.spec is not None and s.spec != self.spec:
             raise InputError(f"these settings were made for {s.spec.name}, not for {self.spec.name}")
 
@@ -787,8 +786,6 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     # float32 is the official in-memory DiT dtype (None keeps the text encoder's stored dtype).
     loaded = load_model(path, dtype=None if dt == torch.float32 else dt, device="cpu")
     if loaded.transformer is None or loaded.vae is None or loaded.text_encoder is None:
-        from .errors import ModelFolderError
-
         raise ModelFolderError(f"{path} lacks a DiT, a VAE or a text encoder")
     pipe = Pipeline(loaded.spec, transformer=loaded.transformer, transformer_2=loaded.transformer_2,
                     vae=loaded.vae, text_encoder=loaded.text_encoder, device=dev, dtype=dt,
