@@ -1,0 +1,105 @@
+"""Flow-matching training of the ti2v DiT jointly with the umT5-style text encoder.
+
+Convention (identical to the sampler, `kinema.sampling`): x_s = (1 - s) x0 + s eps, the model
+predicts v = eps - x0 from timestep t = 1000 s. s is drawn as S_shift(u) with u ~ U(0, 1) and
+the sampler's shift map S_s(u) = s u / (1 + (s - 1) u), i.e. the training noise levels follow the
+same warped grid the sampler walks.
+
+TI2V: with probability `p_image` latent frame 0 is the clean latent, its tokens get timestep 0
+and are left out of the loss (what `Pipeline.generate(image=...)` does at inference). Captions
+are dropped (empty prompt) with probability `p_uncond` for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import DiTConfig, T5Config
+
+
+@dataclass(frozen=True)
+class DiTTrainSpec:
+    dim: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 2
+    num_layers: int = 4
+    text_len: int = 128
+    t5_dim: int = 128
+    t5_ffn: int = 256
+    t5_heads: int = 2
+    t5_layers: int = 2
+    batch: int = 32
+    shift: float = 3.0
+    p_image: float = 0.5
+    p_uncond: float = 0.1
+
+    def dit_config(self, z_dim: int) -> DiTConfig:
+        return DiTConfig(model_type="ti2v", in_dim=z_dim, out_dim=z_dim, dim=self.dim, ffn_dim=self.ffn_dim,
+                         num_heads=self.num_heads, num_layers=self.num_layers, text_len=self.text_len,
+                         text_dim=self.t5_dim)
+
+    def t5_config(self, vocab: int) -> T5Config:
+        return T5Config(vocab=vocab, dim=self.t5_dim, dim_attn=self.t5_dim, dim_ffn=self.t5_ffn,
+                        num_heads=self.t5_heads, num_layers=self.t5_layers)
+
+
+def shift_sigma(u: Tensor, shift: float) -> Tensor:
+    """The sampler's shift map S_s(u) = s u / (1 + (s - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class DiTWithText(nn.Module):
+    """The DiT and the text encoder as one module, so they train (and checkpoint) together."""
+
+    def __init__(self, dit: nn.Module, t5: nn.Module) -> None:
+        super().__init__()
+        self.dit = dit
+        self.t5 = t5
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
+        """Token ids/mask [B, L] -> per prompt [L_i, dim] features of its true tokens (like
+        `TextEncoder.encode`; padded keys are masked, so padding does not change them)."""
+        feats = self.t5(ids, mask)
+        lengths = mask.sum(dim=1).tolist()
+        return [feats[i, : int(n)] for i, n in enumerate(lengths)]
+
+
+def flow_loss(model: DiTWithText, spec: DiTTrainSpec, latents: Tensor, ids: Tensor, mask: Tensor,
+              gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """Flow-matching loss on a batch of clean latents [B, z, F, h, w] with their token ids."""
+    b, _, f, h, w = latents.shape
+    p = model.dit.cfg.patch_size
+    grid = (f // p[0], h // p[1], w // p[2])
+    per_frame = grid[1] * grid[2]
+    u = torch.rand(b, generator=gen)
+    sigma = shift_sigma(u, spec.shift)  # [B]
+    noise = torch.randn(latents.shape, generator=gen)
+    s = sigma.view(b, 1, 1, 1, 1)
+    x = (1 - s) * latents + s * noise
+    target = noise - latents
+    # TI2V: some samples keep latent frame 0 clean (timestep 0 there, no loss there)
+    image = torch.rand(b, generator=gen) < spec.p_image
+    frame_mask = torch.ones(b, 1, f, 1, 1)
+    frame_mask[image, :, 0] = 0.0
+    x = frame_mask * x + (1 - frame_mask) * latents
+    t_tok = (1000.0 * sigma)[:, None].expand(b, grid[0] * per_frame).clone()
+    t_tok[image, :per_frame] = 0.0
+    # classifier-free guidance: some captions become the empty prompt (EOS only)
+    drop = torch.rand(b, generator=gen) < spec.p_uncond
+    ids = ids.clone()
+    mask = mask.clone()
+    if drop.any():
+        eos = ids[drop].gather(1, (mask[drop].sum(1, keepdim=True) - 1).clamp_min(0))
+        ids[drop] = 0
+        mask[drop] = 0
+        ids[drop, 0] = eos[:, 0]
+        mask[drop, 0] = 1
+    context = model.encode_text(ids, mask)
+    pred = model.dit(x, t_tok, context)
+    err = (pred - target).square() * frame_mask
+    loss = err.sum() / (frame_mask.sum() * latents.shape[1] * h * w)
+    return loss, {}

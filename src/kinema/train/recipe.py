@@ -1,0 +1,101 @@
+"""The whole recipe of the built-in model, step by step, in one work folder:
+
+1. tokenizer: a sentencepiece unigram model trained on the caption corpus (umT5 layout)
+2. vae: the small Wan2.2-style VAE (reconstruction + KL), then latent statistics folded in
+3. latents: a fixed set of procedural clips encoded once with the trained VAE
+4. dit: the ti2v DiT and the umT5-style text encoder, trained jointly with flow matching
+5. export: fp16 weights in the official folder layout (+ kinema.json sampling defaults)
+
+Each step writes its result into the work folder and is skipped when that result exists, so
+an interrupted `kinema train` simply continues (the training steps also resume from their
+checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .dit_train import DiTTrainSpec
+from .trainer import OptimConfig
+from .vae_train import VAETrainSpec
+
+STEPS = ("tokenizer", "vae", "latents", "dit", "export")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    size: int = 128
+    frames: int = 17
+    fps: int = 8
+    vocab_size: int = 512
+    corpus_size: int = 20000  # paraphrases the tokenizer is trained on
+    vae: VAETrainSpec = field(default_factory=VAETrainSpec)
+    vae_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=700, lr=1e-3, warmup=50, ema_decay=0.995, checkpoint_every=50, log_every=25))
+    num_clips: int = 2000
+    dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
+    dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=1200, lr=6e-4, warmup=60, ema_decay=0.995, checkpoint_every=50, log_every=25))
+
+
+def tiny_recipe() -> Recipe:
+    """A minutes-scale configuration for tests and smoke runs."""
+    return Recipe(
+        size=64, frames=9, vocab_size=200, corpus_size=1500,
+        vae=VAETrainSpec(dim=4, dec_dim=4, batch=1, frames=5, crop=32),
+        vae_optim=OptimConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1),
+        num_clips=8,
+        dit=DiTTrainSpec(dim=32, ffn_dim=64, num_heads=1, num_layers=1, t5_dim=16, t5_ffn=32,
+                         t5_heads=2, t5_layers=1, batch=4),
+        dit_optim=OptimConfig(steps=6, lr=1e-3, warmup=1, checkpoint_every=3, log_every=1),
+    )
+
+
+def _logger(work: Path) -> Callable[[str], None]:
+    log_file = work / "train.log"
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with log_file.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    return log
+
+
+def run_recipe(work: Path, recipe: Recipe | None = None, steps: tuple[str, ...] = STEPS,
+               out: Path | None = None, threads: int | None = 2, progress: bool = True) -> Path:
+    """Run the recipe steps in `work`; the exported model folder is `out` (default work/model)."""
+    from . import steps as st
+
+    recipe = recipe or Recipe()
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    log = _logger(work)
+    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1), encoding="utf-8")
+    out = Path(out) if out is not None else work / "model"
+    for name in STEPS:
+        if name not in steps:
+            continue
+        start = time.time()
+        log(f"== step {name}")
+        if name == "tokenizer":
+            st.train_tokenizer(work, recipe, log)
+        elif name == "vae":
+            st.train_vae(work, recipe, log, progress)
+        elif name == "latents":
+            st.encode_latents(work, recipe, log, progress)
+        elif name == "dit":
+            st.train_dit(work, recipe, log, progress)
+        elif name == "export":
+            st.export(work, recipe, out, log)
+        log(f"== step {name} done in {time.time() - start:.0f}s")
+    return out

@@ -1,0 +1,205 @@
+"""The individual recipe steps (see `recipe.py`); each reads and writes files in the work folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .recipe import Recipe
+from .trainer import Trainer
+
+Log = Callable[[str], None]
+
+
+def train_tokenizer(work: Path, recipe: Recipe, log: Log) -> Path:
+    """Sentencepiece unigram tokenizer on the caption corpus, written as an umT5 tokenizer folder."""
+    from ..testing.tiny_tokenizer import make_tiny_tokenizer
+    from .data import caption_corpus
+
+    folder = work / "tokenizer"
+    if (folder / "spiece.model").is_file():
+        log("tokenizer exists, skipped")
+        return folder
+    corpus = caption_corpus(recipe.seed, recipe.corpus_size)
+    make_tiny_tokenizer(folder, vocab_size=recipe.vocab_size, texts=corpus)
+    log(f"tokenizer: {len(corpus)} captions -> {folder}")
+    return folder
+
+
+def _vae_path(work: Path) -> Path:
+    return work / "vae.pt"
+
+
+def train_vae(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
+    from ..models.vae import WanVAE
+    from .data import make_clip, train_combos
+    from .vae_train import clips_to_tensor, fold_latent_stats, latent_stats, make_vae_loss_fn
+
+    final = _vae_path(work)
+    if final.is_file():
+        log("vae exists, skipped")
+        return final
+    torch.manual_seed(recipe.seed)
+    vae = WanVAE(recipe.vae.vae_config())
+    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
+    trainer = Trainer(vae, make_vae_loss_fn(vae, recipe.vae, recipe.seed), recipe.vae_optim,
+                      checkpoint=work / "vae_ckpt.pt", name="vae", log=log)
+    trainer.maybe_resume()
+    trainer.run(progress=progress)
+    vae.load_state_dict(trainer.ema_state())
+    vae.eval()
+    # latent statistics on full-size clips, folded into conv1/conv2
+    clips = [make_clip(recipe.seed + 2000, i, recipe.size, recipe.frames, combos=train_combos())[0]
+             for i in range(8)]
+    mean, std = latent_stats(vae, clips_to_tensor(clips))
+    fold_latent_stats(vae, mean, std)
+    torch.save(vae.state_dict(), final)
+    log(f"vae: final loss {np.mean(trainer.history[-20:]):.5f}; latent std range "
+        f"{float(std.min()):.3f}..{float(std.max()):.3f}")
+    return final
+
+
+def load_trained_vae(work: Path, recipe: Recipe):
+    from ..models.vae import WanVAE
+
+    vae = WanVAE(recipe.vae.vae_config())
+    vae.load_state_dict(torch.load(_vae_path(work), map_location="cpu", weights_only=True))
+    return vae.eval().requires_grad_(False)
+
+
+def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
+    """Encode `recipe.num_clips` training clips once (fp16 latents + their clip specs)."""
+    from tqdm import tqdm
+
+    from .data import make_clip, train_combos
+    from .vae_train import clips_to_tensor
+
+    final = work / "latents.pt"
+    if final.is_file():
+        log("latents exist, skipped")
+        return final
+    vae = load_trained_vae(work, recipe)
+    combos = train_combos()
+    latents, specs = [], []
+    batch = 4
+    for start in tqdm(range(0, recipe.num_clips, batch), desc="latents", disable=not progress, mininterval=5.0):
+        items = [make_clip(recipe.seed + 3000, i, recipe.size, recipe.frames, combos=combos)
+                 for i in range(start, min(start + batch, recipe.num_clips))]
+        with torch.no_grad():
+            z = vae.encode(clips_to_tensor([v for v, _, _ in items]))
+        latents.append(z.half())
+        specs += [s for _, _, s in items]
+    z = torch.cat(latents)
+    spec_rows = [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
+    torch.save({"latents": z, "specs": spec_rows}, final)
+    log(f"latents: {tuple(z.shape)}, mean {float(z.float().mean()):.3f} std {float(z.float().std()):.3f}")
+    return final
+
+
+def build_dit_and_text(recipe: Recipe, vocab: int):
+    from ..models.dit import WanModel
+    from ..models.t5 import T5Encoder
+    from .dit_train import DiTWithText
+
+    dit = WanModel(recipe.dit.dit_config(recipe.vae.z_dim))
+    t5 = T5Encoder(recipe.dit.t5_config(vocab))
+    return DiTWithText(dit, t5)
+
+
+def make_dit_loss_fn(model, recipe: Recipe, tokenizer, latents: torch.Tensor, specs: list[list[str]]):
+    """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases."""
+    from .data import ClipSpec, caption_for
+    from .dit_train import flow_loss
+
+    spec = recipe.dit
+
+    def loss_fn(step: int, gen: torch.Generator):
+        rng = np.random.default_rng([recipe.seed, 11, step])
+        idx = rng.integers(0, latents.shape[0], size=spec.batch)
+        captions = []
+        for i in idx:
+            c, s, d, bg, sp = specs[int(i)]
+            clip = ClipSpec(c, s, d, bg, sp, (0, 0, 0), ((0, 0, 0), (0, 0, 0), False), 0.0, (0.0, 0.0), 0.0)
+            captions.append(caption_for(clip, rng))
+        ids, mask = tokenizer(captions, max_length=spec.text_len)
+        longest = int(mask.sum(dim=1).max())
+        return flow_loss(model, spec, latents[torch.from_numpy(idx)].float(), ids[:, :longest],
+                         mask[:, :longest], gen)
+    return loss_fn
+
+
+def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
+    from ..tokenizer import UMT5Tokenizer
+
+    final = work / "dit.pt"
+    if final.is_file():
+        log("dit exists, skipped")
+        return final
+    tokenizer = UMT5Tokenizer.from_dir(work / "tokenizer")
+    data = torch.load(work / "latents.pt", map_location="cpu", weights_only=True)
+    torch.manual_seed(recipe.seed)
+    model = build_dit_and_text(recipe, tokenizer.vocab_size)
+    log(f"dit: {sum(p.numel() for p in model.dit.parameters()) / 1e6:.2f}M + text "
+        f"{sum(p.numel() for p in model.t5.parameters()) / 1e6:.2f}M parameters; "
+        f"{data['latents'].shape[0]} clips")
+    trainer = Trainer(model, make_dit_loss_fn(model, recipe, tokenizer, data["latents"], data["specs"]),
+                      recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
+    trainer.maybe_resume()
+    trainer.run(progress=progress)
+    torch.save(trainer.ema_state(), final)
+    log(f"dit: final loss {np.mean(trainer.history[-100:]):.5f}")
+    return final
+
+
+def sampling_defaults(recipe: Recipe) -> dict:
+    return {
+        "name": "kinema-builtin",
+        "defaults": {
+            "size": [recipe.size, recipe.size],
+            "frames": recipe.frames,
+            "fps": recipe.fps,
+            "steps": 12,
+            "guidance": 4.0,
+            "shift": recipe.dit.shift,
+            "sampler": "unipc",
+            "negative_prompt": "",
+        },
+    }
+
+
+def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
+    """Write the official folder layout: config.json + diffusion_pytorch_model.safetensors (DiT),
+    Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ and kinema.json."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ..tokenizer import UMT5Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = UMT5Tokenizer.from_dir(work / "tokenizer")
+    state = torch.load(work / "dit.pt", map_location="cpu", weights_only=True)
+    dit = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
+    t5 = {k[len("t5."):]: v for k, v in state.items() if k.startswith("t5.")}
+    save_file({k: v.half().contiguous() for k, v in dit.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+    cfg = recipe.dit.dit_config(recipe.vae.z_dim)
+    config = {"__name__": "Config", "_class_name": "WanModel", "model_type": cfg.model_type,
+              "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
+              "out_dim": cfg.out_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
+              "text_len": cfg.text_len, "eps": cfg.eps}
+    (out / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    vae = torch.load(work / "vae.pt", map_location="cpu", weights_only=True)
+    torch.save({k: v.half().contiguous() for k, v in vae.items()}, out / "Wan2.2_VAE.pth")
+    # the text encoder is tiny: float32 keeps its features exactly as trained
+    torch.save({k: v.float().contiguous() for k, v in t5.items()}, out / "models_t5_umt5-xxl-enc-bf16.pth")
+    tok_dir = out / "google" / "umt5-xxl"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for f in (work / "tokenizer").iterdir():
+        shutil.copy2(f, tok_dir / f.name)
+    (out / "kinema.json").write_text(json.dumps(sampling_defaults(recipe), indent=1), encoding="utf-8")
+    log(f"export: {out} (vocab {tokenizer.vocab_size})")
+    return out

@@ -1,0 +1,157 @@
+"""Training of the small Wan2.2-style VAE (reconstruction objective + a light KL term).
+
+The forward used for training runs the very modules and chunk schedule of `WanVAE.encode` /
+`WanVAE.decode` (patchify, chunks 1, 4, 4, ... through one `CausalCache`, one latent frame at a
+time on the way back), only with gradients enabled, so gradients flow through the chunk caches
+and training sees exactly what inference computes (tests check the equality).
+
+After training, the latent statistics are folded into `conv1`/`conv2` (`fold_latent_stats`), so
+the model normalizes its latents with the standard Wan2.2 constants that every loader applies
+to a 48-channel VAE, and the DiT sees roughly unit-variance latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
+from ..models.vae import ENCODE_CHUNK, CausalCache, WanVAE, patchify, unpatchify
+from .data import make_clip, train_combos
+
+
+@dataclass(frozen=True)
+class VAETrainSpec:
+    """Architecture and data of the VAE step."""
+
+    dim: int = 12
+    dec_dim: int = 24
+    z_dim: int = 48
+    batch: int = 4
+    frames: int = 9  # 1 + 4 + 4: covers the first-chunk rules and the steady state
+    crop: int = 64
+    kl_weight: float = 1e-4
+    fg_weight: float = 4.0  # extra weight on pixels that differ from the frame's median (the object)
+
+    def vae_config(self) -> VAEConfig:
+        return VAEConfig(version="2.2", dim=self.dim, dec_dim=self.dec_dim, z_dim=self.z_dim,
+                         latents_mean=WAN22_LATENT_MEAN, latents_std=WAN22_LATENT_STD)
+
+
+def encode_raw(vae: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu, log_var) [B, z, T', h, w] before normalization; same chunking as `WanVAE.encode`."""
+    x = video.to(vae.dtype)
+    if vae.cfg.patch_size > 1:
+        x = patchify(x, vae.cfg.patch_size)
+    cache = CausalCache()
+    bounds = [0, *range(1, x.shape[2] + 1, ENCODE_CHUNK)]
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        cache.begin_chunk()
+        outs.append(vae.encoder(x[:, :, lo:hi], cache))
+    h = vae.conv1(torch.cat(outs, dim=2))
+    z = vae.cfg.z_dim
+    return h[:, :z], h[:, z:]
+
+
+def decode_raw(vae: WanVAE, z_raw: Tensor) -> Tensor:
+    """Un-normalized latent -> unclamped video; same schedule as `WanVAE.decode`."""
+    x = vae.conv2(z_raw.to(vae.dtype))
+    cache = CausalCache()
+    outs = []
+    for i in range(x.shape[2]):
+        cache.begin_chunk()
+        out = vae.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
+        if vae.cfg.patch_size > 1:
+            out = unpatchify(out, vae.cfg.patch_size)
+        outs.append(out.float())
+    return torch.cat(outs, dim=2)
+
+
+def clips_to_tensor(clips: list[np.ndarray]) -> Tensor:
+    """uint8 [T, H, W, 3] clips -> float [B, 3, T, H, W] in [-1, 1]."""
+    arr = np.stack(clips).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def vae_batch(spec: VAETrainSpec, seed: int, step: int) -> Tensor:
+    """Training batch of `step`: random windows of procedural clips, cropped around the object."""
+    rng = np.random.default_rng([seed, 7, step])
+    clips = []
+    for j in range(spec.batch):
+        video, _, clip = make_clip(seed + 1000, step * spec.batch + j, combos=train_combos())
+        t0 = int(rng.integers(0, video.shape[0] - spec.frames + 1))
+        video = video[t0:t0 + spec.frames]
+        size = video.shape[1]
+        c = spec.crop
+        if c < size:
+            if rng.random() < 0.8:  # usually keep the object inside the crop
+                f = (t0 + spec.frames / 2) / 16.0
+                from .data import DIRECTION_VECTORS
+
+                dx, dy = DIRECTION_VECTORS[clip.direction]
+                cx = (clip.start[0] + dx * clip.distance * f) * size
+                cy = (clip.start[1] + dy * clip.distance * f) * size
+                x0 = int(np.clip(cx - c / 2 + rng.integers(-12, 13), 0, size - c))
+                y0 = int(np.clip(cy - c / 2 + rng.integers(-12, 13), 0, size - c))
+            else:
+                x0, y0 = (int(v) for v in rng.integers(0, size - c + 1, size=2))
+            video = video[:, y0:y0 + c, x0:x0 + c]
+        clips.append(np.ascontiguousarray(video))
+    return clips_to_tensor(clips)
+
+
+def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    mu, log_var = encode_raw(vae, video)
+    log_var = log_var.clamp(-30.0, 20.0)
+    z = mu + torch.randn(mu.shape, generator=gen) * (0.5 * log_var).exp()
+    recon = decode_raw(vae, z)
+    # object pixels are few: weight pixels far from the frame's median colour more
+    median = video.flatten(3).median(dim=3).values[..., None, None]
+    weight = 1.0 + spec.fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
+    err = recon - video
+    rec = (weight * (err.abs() + err.square())).mean()
+    kl = 0.5 * (mu.square() + log_var.exp() - 1.0 - log_var).mean()
+    loss = rec + spec.kl_weight * kl
+    return loss, {"rec": float(rec.detach()), "kl": float(kl.detach())}
+
+
+def make_vae_loss_fn(vae: WanVAE, spec: VAETrainSpec, seed: int):
+    def loss_fn(step: int, gen: torch.Generator):
+        return vae_loss(vae, spec, vae_batch(spec, seed, step), gen)
+    return loss_fn
+
+
+@torch.no_grad()
+def latent_stats(vae: WanVAE, videos: Tensor, batch: int = 4) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of the raw mean latent over `videos` [N, 3, T, H, W]."""
+    mus = [encode_raw(vae, videos[i:i + batch])[0] for i in range(0, videos.shape[0], batch)]
+    mu = torch.cat(mus).transpose(0, 1).flatten(1)  # [z, N*T*h*w]
+    return mu.mean(dim=1), mu.std(dim=1).clamp_min(1e-3)
+
+
+@torch.no_grad()
+def fold_latent_stats(vae: WanVAE, mean: Tensor, std: Tensor) -> None:
+    """Rewrite conv1/conv2 so that `vae.encode` (normalizing with vae.cfg's constants) yields
+    (mu - mean) / std, and `vae.decode` inverts it. Both convs are 1x1x1, i.e. affine maps."""
+    z = vae.cfg.z_dim
+    m_ref = torch.tensor(vae.cfg.latents_mean, dtype=torch.float32)
+    s_ref = torch.tensor(vae.cfg.latents_std, dtype=torch.float32)
+    mean, std = mean.float(), std.float()
+    # encoder: mu' = a * mu + b with a = s_ref / std, b = m_ref - a * mean
+    a = s_ref / std
+    b = m_ref - a * mean
+    w1, b1 = vae.conv1.weight, vae.conv1.bias  # [2z, 2z, 1, 1, 1], [2z]
+    w1[:z] *= a.view(z, 1, 1, 1, 1).to(w1.dtype)
+    b1[:z] = (a * b1[:z].float() + b).to(b1.dtype)
+    # decoder: conv2 sees x' = z_n * s_ref + m_ref but was trained on x = z_n * std + mean
+    # = x' * c + d with c = std / s_ref, d = mean - m_ref * c
+    c = std / s_ref
+    d = mean - m_ref * c
+    w2, b2 = vae.conv2.weight, vae.conv2.bias  # [z, z, 1, 1, 1]
+    b2.copy_((b2.float() + w2.float()[:, :, 0, 0, 0] @ d).to(b2.dtype))
+    w2.mul_(c.view(1, z, 1, 1, 1).to(w2.dtype))
