@@ -39,7 +39,7 @@ class Recipe:
     vae: VAETrainSpec = field(default_factory=VAETrainSpec)
     vae_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         steps=700, lr=1e-3, warmup=50, ema_decay=0.995, checkpoint_every=50, log_every=25))
-    num_clips: int = 2000
+    num_clips: int = 1500
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         steps=1200, lr=6e-4, warmup=60, ema_decay=0.995, checkpoint_every=50, log_every=25))
