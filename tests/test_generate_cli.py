@@ -252,3 +252,25 @@ def test_console_process(models, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert good.returncode == 0, good.stderr
     assert read_video(tmp_path / "x.mp4")[0].shape == (5, 64, 64, 3)
+
+
+def test_sidecar_command_reproduces_the_video(capsys, models, image, tmp_path, monkeypatch):
+    import shlex
+
+    import kinema.provenance as prov
+
+    written: list[np.ndarray] = []
+    real = prov.finalize_video
+    monkeypatch.setattr(prov, "finalize_video",
+                        lambda frames, *a, **kw: written.append(frames.copy()) or real(frames, *a, **kw))
+    first = tmp_path / "first.mp4"
+    code, _, err = generate(capsys, "it moves", "--image", str(image), "--model", str(models["ti2v", "official"]),
+                            "--frames", "5", "--steps", "2", "--guidance", "3.5", "--sampler", "dpm++",
+                            "--negative-prompt", "blurry", "-o", str(first))
+    assert code == 0, err
+    command = json.loads(first.with_suffix(".json").read_text())["command"]
+    args = shlex.split(command)
+    assert args[:2] == ["kinema", "generate"] and "--seed" in args
+    code, _, err = generate(capsys, *args[2:], "-o", str(tmp_path / "again.mp4"))
+    assert code == 0, err
+    assert len(written) == 2 and np.array_equal(written[0], written[1])

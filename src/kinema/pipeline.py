@@ -761,7 +761,27 @@ class Pipeline:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "seconds": round(seconds, 3),
+            "command": self._command(s),
         }
+
+    def _command(self, s: Settings) -> Optional[str]:
+        """The `kinema generate` line that makes this video again (None if the CLI cannot)."""
+        import shlex
+
+        if s.max_area is not None or (s.image_info is not None and "path" not in s.image_info):
+            return None
+        args = ["kinema", "generate", s.prompt]
+        if s.image_info is not None:
+            args += ["--image", s.image_info["path"]]
+        if self.source is not None:
+            args += ["--model", self.source]
+        g = s.guidance
+        args += ["--size", f"{s.size[0]}x{s.size[1]}", "--frames", str(s.frames), "--steps", str(s.steps),
+                 "--guidance", f"{g[0]:g},{g[1]:g}" if isinstance(g, tuple) else f"{g:g}",
+                 "--shift", f"{s.shift:g}", "--sampler", s.sampler, "--seed", str(s.seed)]
+        if s.negative_prompt != self.spec.defaults.negative_prompt:
+            args += ["--negative-prompt", s.negative_prompt]
+        return shlex.join(args)
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
