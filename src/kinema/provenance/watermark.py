@@ -1,0 +1,558 @@
+"""Invisible, weights-free video watermark.
+
+Design (public detector, no secret: the point is provenance, not secrecy):
+
+* Payload: 64 bits = a 16-bit kinema tag + a 48-bit per-video id. A CRC-16 is appended and the
+  80 bits are protected by a rate-1/3, constraint-length-7 convolutional code (258 coded bits).
+* Layout: a tile repeats over the whole frame with a period of 192 px (times `embed_scale`, so
+  that large videos look the same once downscaled to 720p). The tile is a sum of 2-D sinusoids
+  whose frequencies are whole numbers of cycles per tile with radius 2..11 (wavelengths 17-96
+  px): each carries two real coefficients (cosine and sine part), ~370 in all. A fixed public
+  permutation makes 258 of them the coded bits (interleaved) and the rest a known sync
+  pattern; all signs are scrambled by a fixed pseudo-noise sequence. Low/mid frequencies
+  survive H.264, resizing and brightness changes; the same pattern sits in every frame, so
+  frame drops do not matter and the detector averages frames to suppress moving content.
+* Strength follows a perceptual mask (stronger in textured areas, weaker in flat/dark ones),
+  scaled per frame so that the frame's PSNR is `MIN_PSNR_DB`.
+* Detection: average the luma of sampled frames; for each candidate scale, resample so that
+  one tile spans 64 px, remove the local mean, clip outliers and fold all tiles onto one
+  (cropping becomes a cyclic shift); whiten the folded spectrum ring by ring and correlate with
+  the sync coefficients over every shift by FFT. Coefficients are orthogonal, so the whitened
+  matched filter gives independent soft bits for a soft Viterbi decoder. The false-positive
+  probability (p-value) is honest: a Bonferroni bound over every (scale, shift) tested for the
+  Gaussian sync statistic (its null variance is computed, not fitted), or - when a payload with
+  a valid CRC and the kinema tag is decoded - the chance (2^-32 per decoded candidate) that noise
+  decodes to such a payload; the reported value is twice the smaller of the two.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+TAG = 0x4B31  # "K1": kinema watermark, layout version 1
+PAYLOAD_BITS = 64
+CRC_BITS = 16
+BASE_PERIOD = 192.0  # tile period in pixels at embed_scale 1
+R_MIN, R_MAX = 2.0, 11.0  # frequency band, cycles per tile
+DET = 64  # tile size in the detection domain
+K = 7  # convolutional code constraint length
+GENERATORS = (0o133, 0o171, 0o165)
+N_INFO = PAYLOAD_BITS + CRC_BITS
+N_CODED = len(GENERATORS) * (N_INFO + K - 1)  # 258
+MIN_PSNR_DB = 41.0  # per-frame cap on the distortion the mark may add
+DETECTION_P = 1e-6  # p-value at or below which a watermark counts as detected
+SEED = 0x6B696E656D61  # "kinema": fixes the public layout
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The fixed public layout. Coefficient j lives at frequency (ky[j], kx[j]) (cycles per
+    tile), as its cosine (part 0) or sine (part 1) component."""
+
+    ky: np.ndarray
+    kx: np.ndarray
+    part: np.ndarray
+    pn: np.ndarray  # +-1 scrambling signs
+    sync_idx: np.ndarray
+    code_idx: np.ndarray  # in codeword order (interleaving)
+
+    @staticmethod
+    def build() -> "_Layout":
+        freqs = []
+        span = int(R_MAX) + 1
+        for a in range(-span, span + 1):
+            for b in range(-span, span + 1):
+                # One of each +-k pair (half plane), inside the band.
+                if (a > 0 or (a == 0 and b > 0)) and R_MIN <= math.hypot(a, b) <= R_MAX:
+                    freqs.append((a, b))
+        freqs = np.array(freqs)
+        ky = np.repeat(freqs[:, 0], 2)
+        kx = np.repeat(freqs[:, 1], 2)
+        part = np.tile([0, 1], len(freqs))
+        n = len(ky)
+        rng = np.random.default_rng(SEED)
+        pn = rng.integers(0, 2, n) * 2.0 - 1.0
+        perm = rng.permutation(n)
+        return _Layout(ky, kx, part, pn, np.sort(perm[N_CODED:]), perm[:N_CODED])
+
+    @property
+    def size(self) -> int:
+        return len(self.ky)
+
+    def values(self, coded: np.ndarray | None) -> np.ndarray:
+        """Coefficient values (+-1, or 0 for coded ones when `coded` is None = sync only)."""
+        v = np.zeros(self.size)
+        v[self.sync_idx] = self.pn[self.sync_idx]
+        if coded is not None:
+            v[self.code_idx] = (2.0 * coded - 1.0) * self.pn[self.code_idx]
+        return v
+
+
+_LAYOUT: list[_Layout] = []
+
+
+def _layout() -> _Layout:
+    if not _LAYOUT:  # a cache of a constant, built lazily to keep import cheap
+        _LAYOUT.append(_Layout.build())
+    return _LAYOUT[0]
+
+
+# ----------------------------------------------------------------------------- payload coding
+
+
+def new_payload() -> str:
+    """A fresh payload: the kinema tag followed by a random 48-bit id, as 16 hex digits."""
+    return f"{TAG:04x}{secrets.randbits(48):012x}"
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+def _bits(value: int, n: int) -> np.ndarray:
+    return np.array([(value >> (n - 1 - i)) & 1 for i in range(n)], dtype=np.int64)
+
+
+def _parse_payload(payload: str) -> int:
+    try:
+        value = int(payload, 16)
+    except ValueError:
+        value = -1
+    if len(payload) != PAYLOAD_BITS // 4 or not 0 <= value < 1 << PAYLOAD_BITS:
+        raise ValueError(f"watermark payload must be {PAYLOAD_BITS // 4} hex digits, got {payload!r}")
+    return value
+
+
+def _reg_outputs() -> np.ndarray:
+    """Coded output bits [128, n_out] for every 7-bit register value (newest bit = bit 6)."""
+    regs = np.arange(1 << K)
+    return np.stack([np.array([bin(r & g).count("1") & 1 for r in regs]) for g in GENERATORS], 1)
+
+
+def encode_payload(payload: str) -> np.ndarray:
+    """Payload hex -> 258 coded bits (payload, CRC-16, 6 zero tail bits, convolutional code)."""
+    value = _parse_payload(payload)
+    info = np.concatenate([_bits(value, 64), _bits(_crc16(value.to_bytes(8, "big")), 16), np.zeros(K - 1, np.int64)])
+    outs = _reg_outputs()
+    state, coded = 0, []
+    for bit in info:
+        reg = (int(bit) << (K - 1)) | state
+        coded.extend(outs[reg])
+        state = reg >> 1
+    return np.array(coded, dtype=np.float64)
+
+
+def viterbi_decode(soft: np.ndarray) -> np.ndarray:
+    """Soft Viterbi: `soft[i]` > 0 means coded bit i is 1. Returns the N_INFO info bits (tail dropped)."""
+    outs = _reg_outputs() * 2.0 - 1.0  # [128, n_out] as +-1
+    n_out = outs.shape[1]
+    n_states = 1 << (K - 1)
+    steps = len(soft) // n_out
+    metric = np.full(n_states, -np.inf)
+    metric[0] = 0.0
+    ns = np.arange(n_states)
+    # Register for new state ns and the bit that left the old state: reg = (ns << 1 | lsb).
+    regs = np.stack([(ns << 1) | 0, (ns << 1) | 1], 1)  # [64, 2]
+    prev = regs & (n_states - 1)
+    choices = np.zeros((steps, n_states), dtype=np.int8)
+    for t in range(steps):
+        branch = outs[regs] @ soft[n_out * t : n_out * t + n_out]  # [64, 2]
+        cand = metric[prev] + branch
+        pick = np.argmax(cand, axis=1)
+        choices[t] = pick
+        metric = cand[ns, pick]
+    state = 0  # terminated code: ends in state 0
+    bits = np.zeros(steps, dtype=np.int64)
+    for t in range(steps - 1, -1, -1):
+        bits[t] = state >> (K - 2)  # the newest bit of a state is its top bit
+        state = int(prev[state, choices[t, state]])
+    return bits[:N_INFO]
+
+
+def decode_bits(info: np.ndarray) -> tuple[str, bool]:
+    """Info bits -> (payload hex, CRC and tag valid)."""
+    value = int("".join(str(int(b)) for b in info[:64]), 2)
+    crc = int("".join(str(int(b)) for b in info[64:80]), 2)
+    ok = crc == _crc16(value.to_bytes(8, "big")) and value >> 48 == TAG
+    return f"{value:016x}", ok
+
+
+# ----------------------------------------------------------------------------- pattern rendering
+
+
+def _render(values: np.ndarray, height: int, width: int, period: float) -> np.ndarray:
+    """The tile pattern for coefficient `values` on a height x width pixel grid with `period` px.
+
+    Pixel (y, x) has its centre at continuous coordinate (y + 0.5, x + 0.5). Separable Fourier
+    series: Re([H, n] @ C[n, n] @ [n, W]) with n = 2 * R_MAX + 1 frequencies per axis.
+    """
+    lay = _layout()
+    span = int(R_MAX)
+    coef = np.zeros((2 * span + 1, 2 * span + 1), complex)
+    c = np.where(lay.part == 0, values, -1j * values)  # Re((a - ib) e^{it}) = a cos t + b sin t
+    np.add.at(coef, (lay.ky + span, lay.kx + span), c)
+    k = np.arange(-span, span + 1)
+
+    def basis(n: int) -> np.ndarray:
+        return np.exp(2j * np.pi * np.outer(np.arange(n) + 0.5, k) / period)
+
+    return np.real(basis(height) @ coef @ basis(width).T).astype(np.float32)
+
+
+def embed_scale(height: int, width: int) -> float:
+    """Tile period factor: 1 up to 720p, proportional above, so 1080p/4K downscaled to 720p match."""
+    return max(1.0, min(height, width) / 720.0)
+
+
+@dataclass
+class Embedder:
+    """Adds the watermark for one payload to frames of one size. Build once per video."""
+
+    payload: str
+    height: int
+    width: int
+    psnr_db: float = MIN_PSNR_DB  # each frame gets exactly this PSNR (before rounding/clipping)
+    pattern: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        values = _layout().values(encode_payload(self.payload))
+        period = BASE_PERIOD * embed_scale(self.height, self.width)
+        pat = _render(values, self.height, self.width, period)
+        self.pattern = pat / float(np.sqrt(np.mean(pat**2)))  # unit RMS
+
+    def mask(self, luma: np.ndarray) -> np.ndarray:
+        """Perceptual strength map [H, W] from local luma activity, computed at 1/4 resolution."""
+        h, w = luma.shape
+        small = _resize_to(luma, max(1, h // 4), max(1, w // 4))
+        mean = _box(small, 2)
+        var = np.maximum(_box(small * small, 2) - mean * mean, 0.0)
+        m = np.clip(0.5 + np.sqrt(var) / 10.0, 0.5, 2.0)  # local std over ~20 px
+        # Dark and near-white areas show changes more / clip them: ease off there.
+        m *= np.clip(np.minimum(mean, 255.0 - mean) / 24.0, 0.3, 1.0)
+        return _resize_to(m, h, w)
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        """Watermark one uint8 RGB frame [H, W, 3] (same size as the embedder)."""
+        if frame.shape[:2] != (self.height, self.width):
+            raise ValueError(f"frame size {frame.shape[:2]} != embedder size {(self.height, self.width)}")
+        f = frame.astype(np.float32)
+        luma = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
+        delta = self.mask(luma) * self.pattern
+        # The mask only shapes the mark; its energy is set so the frame has PSNR = psnr_db.
+        rms = float(np.sqrt(np.mean(delta * delta))) + 1e-12
+        delta *= (255.0 / 10 ** (self.psnr_db / 20.0)) / rms
+        f += delta[..., None]  # equal change in R, G, B = a pure luma change
+        return np.clip(np.rint(f), 0, 255).astype(np.uint8)
+
+
+def _box(img: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window with edge replication (cumulative sums; float32 out)."""
+    if r <= 0:
+        return img.astype(np.float32)
+    p = np.pad(img.astype(np.float64), r, mode="edge")
+    c = np.pad(np.cumsum(np.cumsum(p, axis=0), axis=1), ((1, 0), (1, 0)))
+    n = 2 * r + 1
+    s = c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n]
+    return (s / (n * n)).astype(np.float32)
+
+
+def _resize_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Antialiased bilinear resize of a float image (PIL, mode F)."""
+    from PIL import Image
+
+    out = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F").resize((w, h), Image.BILINEAR)
+    return np.asarray(out, dtype=np.float32)
+
+
+def embed_frames(frames: Iterable[np.ndarray] | np.ndarray, payload: str, **kwargs) -> Iterable[np.ndarray]:
+    """Lazily watermark uint8 RGB frames [F, H, W, 3] (or an iterable of [H, W, 3])."""
+    emb: Embedder | None = None
+    for frame in frames:
+        if emb is None:
+            emb = Embedder(payload, frame.shape[0], frame.shape[1], **kwargs)
+        yield emb.apply(frame)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass
+class Detection:
+    """What the detector found. `p_value` is the false-positive probability of the claim."""
+
+    detected: bool
+    payload: str | None
+    p_value: float
+    scale: float | None = None
+    shift: tuple[float, float] | None = None
+    sync_z: float = 0.0
+    bit_errors: int | None = None  # coded-bit disagreements with the re-encoded payload
+    tests: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "detected": self.detected,
+            "payload": self.payload,
+            "p_value": self.p_value,
+            "scale": None if self.scale is None else round(self.scale, 4),
+            "shift": list(self.shift) if self.shift else None,
+            "sync_z": round(self.sync_z, 3),
+            "coded_bit_errors": self.bit_errors,
+        }
+
+
+PREFILTER_R = 6  # radius of the local-mean removal in the detection domain (px)
+_CACHE: dict[str, np.ndarray] = {}
+
+
+def _constants() -> dict[str, np.ndarray]:
+    """Detection-domain constants (cached; they depend only on the public layout)."""
+    if not _CACHE:
+        lay = _layout()
+        ref = np.fft.fft2(_render(lay.values(None), DET, DET, float(DET)).astype(np.float64))
+        f = np.fft.fftfreq(DET)
+        n = 2 * PREFILTER_R + 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d1 = np.where(f == 0, 1.0, np.sin(np.pi * f * n) / (n * np.sin(np.pi * f)))
+        hp = 1.0 - np.outer(d1, d1)  # response of "image minus its box mean" on the DET grid
+        ky, kx = np.meshgrid(np.fft.fftfreq(DET, 1.0 / DET), np.fft.fftfreq(DET, 1.0 / DET), indexing="ij")
+        radius = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64)
+        # Per-coefficient unit basis in the folded spectrum: the half-pixel centre phase, times
+        # 1 (cosine part) or i (sine part) - see _render.
+        iy, ix = lay.ky % DET, lay.kx % DET
+        basis = np.exp(1j * np.pi * (lay.ky + lay.kx) / DET) * np.where(lay.part == 0, 1.0, -1j) * hp[iy, ix]
+        group = np.minimum(((np.hypot(lay.ky, lay.kx) - R_MIN) / 2.0).astype(int), 3)
+        _CACHE.update(ref=ref, hp=hp, radius=radius, ky=ky, kx=kx, iy=iy, ix=ix, basis=basis, group=group)
+    return _CACHE
+
+
+def _prefilter(img: np.ndarray) -> np.ndarray:
+    """Remove the local mean and clip outliers (strong edges): a cheap, robust host whitening."""
+    hp = img - _box(img, PREFILTER_R)
+    lim = 3.0 * float(np.mean(np.abs(hp))) + 1e-6
+    return np.clip(hp, -lim, lim)
+
+
+def _fold(img: np.ndarray) -> np.ndarray:
+    """Sum all DET x DET tiles of an image onto one (partial tiles included)."""
+    h, w = img.shape
+    p = np.pad(img, ((0, -h % DET), (0, -w % DET)))
+    return p.reshape(p.shape[0] // DET, DET, p.shape[1] // DET, DET).sum(axis=(0, 2))
+
+
+@dataclass
+class _Scan:
+    z: float
+    scale: float
+    shift: tuple[float, float]  # sub-pixel, detection-domain pixels
+    spec: np.ndarray  # folded spectrum
+    sigma2: np.ndarray  # its per-bin noise power estimate
+
+
+def _sync_scan(luma: np.ndarray, scale: float, window: float | None) -> _Scan:
+    """Best sync z-score and (sub-pixel) shift at one scale."""
+    c = _constants()
+    h, w = luma.shape
+    if window is not None:  # centre region of about `window` tiles per side (coarse search)
+        side = int(window * BASE_PERIOD * scale)
+        y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+        luma = luma[y0 : y0 + side, x0 : x0 + side]
+    factor = DET / (BASE_PERIOD * scale)
+    det = _prefilter(_resize_to(luma, max(1, round(luma.shape[0] * factor)), max(1, round(luma.shape[1] * factor))))
+    spec = np.fft.fft2(_fold(det))
+    # Noise power per bin: the mean power of its frequency ring (host spectra vary ~ with |f|).
+    power = np.abs(spec) ** 2
+    rad = c["radius"].ravel()
+    ring = np.bincount(rad, power.ravel()) / np.maximum(np.bincount(rad), 1)
+    sigma2 = ring[c["radius"]] + 1e-12
+    match = np.conj(c["ref"] * c["hp"]) / sigma2  # whitened matched filter (sync bins only)
+    corr = np.real(np.fft.ifft2(spec * match))
+    # Null (no watermark) standard deviation of corr, computed rather than fitted (a fitted
+    # one would be inflated by the watermark's own side lobes).
+    null_sd = math.sqrt(float(np.sum(np.abs(match) ** 2 * sigma2))) / DET**2 + 1e-30
+    idx = int(np.argmax(corr))
+    iy, ix = idx // DET, idx % DET
+
+    def vertex(a: float, b: float, c_: float) -> float:  # parabola peak offset in [-0.5, 0.5]
+        den = a - 2 * b + c_
+        return 0.0 if den >= 0 else float(np.clip(0.5 * (a - c_) / den, -0.5, 0.5))
+
+    dy = vertex(corr[iy - 1, ix], corr[iy, ix], corr[(iy + 1) % DET, ix])
+    dx = vertex(corr[iy, ix - 1], corr[iy, ix], corr[iy, (ix + 1) % DET])
+    return _Scan(float(corr[iy, ix] / null_sd), scale, (iy + dy, ix + dx), spec, sigma2)
+
+
+def _normal_sf(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def _scale_grid(h: int, w: int, lo: float, hi: float, step: float) -> np.ndarray:
+    hi = min(hi, min(h, w) / (0.75 * BASE_PERIOD))  # most of a tile must fit
+    if hi < lo:
+        return np.array([])
+    n = int(math.floor(math.log(hi / lo) / math.log(1 + step))) + 1
+    return lo * (1 + step) ** np.arange(n)
+
+
+def _soft(scan: _Scan) -> np.ndarray:
+    """Whitened matched-filter output per coefficient, aligned by the sub-pixel shift, sign-descrambled."""
+    c = _constants()
+    lay = _layout()
+    phase = np.exp(2j * np.pi * (lay.ky * scan.shift[0] + lay.kx * scan.shift[1]) / DET)
+    x = scan.spec[c["iy"], c["ix"]] * phase
+    return np.real(x * np.conj(c["basis"])) / scan.sigma2[c["iy"], c["ix"]] * lay.pn
+
+
+def _decode(scan: _Scan) -> tuple[str, bool, np.ndarray]:
+    """Soft-decode the payload at one alignment. LLRs are scaled per frequency group from the
+    sync coefficients of that group (compression and resizing hit high frequencies harder)."""
+    c = _constants()
+    lay = _layout()
+    y = _soft(scan)
+    llr = np.zeros(lay.size)
+    for g in np.unique(c["group"]):
+        sel = c["group"] == g
+        sync = y[lay.sync_idx][sel[lay.sync_idx]]
+        if len(sync) < 4:
+            continue
+        m, v = float(sync.mean()), float(sync.var()) + 1e-30
+        llr[sel] = y[sel] * (2.0 * max(m, 0.0) / v)
+    coded = llr[lay.code_idx]
+    payload, ok = decode_bits(viterbi_decode(coded))
+    return payload, ok, y[lay.code_idx]
+
+
+def detect_luma(
+    luma: np.ndarray,
+    *,
+    scale_range: tuple[float, float] = (0.2, 2.2),
+    coarse_step: float = 0.02,
+    fine_span: float = 0.012,
+    fine_step: float = 0.003,
+    candidates: int = 4,
+    threshold: float = DETECTION_P,
+) -> Detection:
+    """Detect the watermark in a [H, W] luma image (an average over frames works best)."""
+    luma = np.asarray(luma, dtype=np.float32)
+    h, w = luma.shape
+    grid = _scale_grid(h, w, scale_range[0], scale_range[1], coarse_step)
+    if len(grid) == 0:
+        return Detection(False, None, 1.0)
+    tests = 0
+    coarse = []
+    for s in grid:
+        coarse.append(_sync_scan(luma, float(s), window=5.0).z)
+        tests += DET * DET
+    coarse = np.array(coarse)
+    # Local maxima of the coarse z over scale, best first.
+    last = len(coarse) - 1
+    peaks = [i for i in range(len(coarse)) if coarse[i] >= coarse[max(i - 1, 0)] and coarse[i] >= coarse[min(i + 1, last)]]
+    peaks = sorted(peaks, key=lambda i: -coarse[i])[:candidates]
+    n_fine = int(round(fine_span / fine_step))
+    best_per_peak = []
+    for i in peaks:
+        scans = []
+        for j in range(-n_fine, n_fine + 1):
+            s = float(grid[i] * (1 + j * fine_step))
+            if s * BASE_PERIOD <= min(h, w):
+                scans.append(_sync_scan(luma, s, window=None))
+                tests += DET * DET
+        if scans:
+            best_per_peak.append(max(scans, key=lambda r: r.z))
+    best_per_peak.sort(key=lambda r: -r.z)
+    best = best_per_peak[0]
+    p_sync = min(1.0, tests * _normal_sf(best.z))
+    # Decode the best alignment of each candidate peak (distinct scales), strongest first.
+    decoded = None
+    for n_tried, scan in enumerate(best_per_peak, 1):
+        payload, ok, coded = _decode(scan)
+        if ok:
+            decoded = (payload, scan, coded)
+            break
+    p_code = min(1.0, n_tried * 2.0**-32) if decoded else 1.0
+    p = min(1.0, 2.0 * min(p_sync, p_code))
+    shift = (round(best.shift[0], 2), round(best.shift[1], 2))
+    if decoded:
+        payload, scan, coded = decoded
+        errors = int(np.sum((coded > 0) != (encode_payload(payload) > 0.5)))
+        shift = (round(scan.shift[0], 2), round(scan.shift[1], 2))
+        return Detection(p <= threshold, payload, p, scan.scale, shift, scan.z, errors, tests)
+    return Detection(p <= threshold, None, p, best.scale, shift, best.z, None, tests)
+
+
+def _luma(frame: np.ndarray) -> np.ndarray:
+    f = np.asarray(frame, dtype=np.float32)
+    return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114 if f.ndim == 3 else f
+
+
+def _global_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Integer translation d with b(x) ~ a(x - d), by phase correlation."""
+    fa = np.fft.rfft2(a - a.mean())
+    fb = np.fft.rfft2(b - b.mean())
+    r = fb * np.conj(fa)
+    c = np.fft.irfft2(r / (np.abs(r) + 1e-9), s=a.shape)
+    i = int(np.argmax(c))
+    h, w = a.shape
+    dy, dx = i // w, i % w
+    return (dy - h if dy > h // 2 else dy), (dx - w if dx > w // 2 else dx)
+
+
+def luma_views(frames: Iterable[np.ndarray], max_frames: int = 48) -> list[np.ndarray]:
+    """Two averages of the luma of up to `max_frames` evenly spaced frames: a plain one (the mark
+    is static) and one stabilised against global motion. Re-encoders carry a static pattern
+    along with moving content when they drop residuals (H.264 at high CRF on a camera pan), so
+    the mark may then follow the content instead of the frame."""
+    frames = list(frames)
+    if not frames:
+        raise ValueError("no frames")
+    step = max(1, math.ceil(len(frames) / max_frames))
+    lumas = [_luma(f) for f in frames[::step]]
+    plain = np.mean(lumas, axis=0)
+    if len(lumas) < 2:
+        return [plain]
+    acc = lumas[0].copy()
+    pos = np.zeros(2, np.int64)
+    prev_small = _resize_to(lumas[0], max(1, lumas[0].shape[0] // 2), max(1, lumas[0].shape[1] // 2))
+    for lum in lumas[1:]:
+        small = _resize_to(lum, prev_small.shape[0], prev_small.shape[1])
+        pos += np.array(_global_shift(prev_small, small)) * 2
+        prev_small = small
+        acc += np.roll(lum, (-int(pos[0]), -int(pos[1])), axis=(0, 1))
+    if not pos.any():
+        return [plain]
+    return [plain, acc / len(lumas)]
+
+
+def average_luma(frames: Iterable[np.ndarray], max_frames: int = 48) -> np.ndarray:
+    """Mean luma of up to `max_frames` evenly spaced frames (uint8 RGB [H, W, 3] or luma [H, W])."""
+    frames = list(frames)
+    if not frames:
+        raise ValueError("no frames")
+    step = max(1, math.ceil(len(frames) / max_frames))
+    return np.mean([_luma(f) for f in frames[::step]], axis=0)
+
+
+def detect_frames(frames: Iterable[np.ndarray] | np.ndarray, **kwargs) -> Detection:
+    """Detect the watermark in frames [F, H, W, 3] (uint8 RGB) or luma frames [F, H, W].
+
+    Runs the detector on each view of `luma_views`; the p-value is Bonferroni-corrected for it."""
+    views = luma_views(frames)
+    threshold = kwargs.pop("threshold", DETECTION_P)
+    results = [detect_luma(v, threshold=threshold, **kwargs) for v in views]
+    best = min(results, key=lambda d: (d.payload is None, d.p_value))
+    best.p_value = min(1.0, len(views) * best.p_value)
+    best.detected = best.p_value <= threshold
+    best.tests *= len(views)
+    return best
