@@ -119,7 +119,7 @@ def mark_video(
     return facts
 
 
-def _read_luma(path: Path, max_frames: int = 48) -> list[np.ndarray]:
+def _read_luma(path: Path, max_frames: int = 96) -> list[np.ndarray]:
     """Decode a video's luma planes (every k-th frame, at most about `max_frames`)."""
     import av
 

@@ -3,12 +3,12 @@
 Design (public detector, no secret: the point is provenance, not secrecy):
 
 * Payload: 64 bits = a 16-bit kinema tag + a 48-bit per-video id. A CRC-16 is appended and the
-  80 bits are protected by a rate-1/3, constraint-length-7 convolutional code (258 coded bits).
+  80 bits are protected by a rate-1/3, constraint-length-9 convolutional code (264 coded bits).
 * Layout: a tile repeats over the whole frame with a period of 192 px (times `embed_scale`, so
   that large videos look the same once downscaled to 720p). The tile is a sum of 2-D sinusoids
   whose frequencies are whole numbers of cycles per tile with radius 2..11 (wavelengths 17-96
   px): each carries two real coefficients (cosine and sine part), ~370 in all. A fixed public
-  permutation makes 258 of them the coded bits (interleaved) and the rest a known sync
+  permutation makes 264 of them the coded bits (interleaved) and the rest a known sync
   pattern; all signs are scrambled by a fixed pseudo-noise sequence. Low/mid frequencies
   survive H.264, resizing and brightness changes; the same pattern sits in every frame, so
   frame drops do not matter and the detector averages frames to suppress moving content.
@@ -40,10 +40,10 @@ CRC_BITS = 16
 BASE_PERIOD = 192.0  # tile period in pixels at embed_scale 1
 R_MIN, R_MAX = 2.0, 11.0  # frequency band, cycles per tile
 DET = 64  # tile size in the detection domain
-K = 7  # convolutional code constraint length
-GENERATORS = (0o133, 0o171, 0o165)
+K = 9  # convolutional code constraint length
+GENERATORS = (0o557, 0o663, 0o711)  # rate 1/3, free distance 18
 N_INFO = PAYLOAD_BITS + CRC_BITS
-N_CODED = len(GENERATORS) * (N_INFO + K - 1)  # 258
+N_CODED = len(GENERATORS) * (N_INFO + K - 1)  # 264
 MIN_PSNR_DB = 41.0  # per-frame cap on the distortion the mark may add
 DETECTION_P = 1e-6  # p-value at or below which a watermark counts as detected
 SEED = 0x6B696E656D61  # "kinema": fixes the public layout
@@ -136,13 +136,13 @@ def _parse_payload(payload: str) -> int:
 
 
 def _reg_outputs() -> np.ndarray:
-    """Coded output bits [128, n_out] for every 7-bit register value (newest bit = bit 6)."""
+    """Coded output bits [2^K, n_out] for every K-bit register value (newest bit = bit K-1)."""
     regs = np.arange(1 << K)
     return np.stack([np.array([bin(r & g).count("1") & 1 for r in regs]) for g in GENERATORS], 1)
 
 
 def encode_payload(payload: str) -> np.ndarray:
-    """Payload hex -> 258 coded bits (payload, CRC-16, 6 zero tail bits, convolutional code)."""
+    """Payload hex -> 264 coded bits (payload, CRC-16, K-1 zero tail bits, convolutional code)."""
     value = _parse_payload(payload)
     info = np.concatenate([_bits(value, 64), _bits(_crc16(value.to_bytes(8, "big")), 16), np.zeros(K - 1, np.int64)])
     outs = _reg_outputs()
@@ -164,11 +164,11 @@ def viterbi_decode(soft: np.ndarray) -> np.ndarray:
     metric[0] = 0.0
     ns = np.arange(n_states)
     # Register for new state ns and the bit that left the old state: reg = (ns << 1 | lsb).
-    regs = np.stack([(ns << 1) | 0, (ns << 1) | 1], 1)  # [64, 2]
+    regs = np.stack([(ns << 1) | 0, (ns << 1) | 1], 1)  # [states, 2]
     prev = regs & (n_states - 1)
     choices = np.zeros((steps, n_states), dtype=np.int8)
     for t in range(steps):
-        branch = outs[regs] @ soft[n_out * t : n_out * t + n_out]  # [64, 2]
+        branch = outs[regs] @ soft[n_out * t : n_out * t + n_out]  # [states, 2]
         cand = metric[prev] + branch
         pick = np.argmax(cand, axis=1)
         choices[t] = pick
@@ -466,7 +466,7 @@ def detect_luma(
         scans = []
         for j in range(-n_fine, n_fine + 1):
             s = float(grid[i] * (1 + j * fine_step))
-            if s * BASE_PERIOD <= min(h, w):
+            if 0.75 * s * BASE_PERIOD <= min(h, w):
                 scans.append(_sync_scan(luma, s, window=None))
                 tests += DET * DET
         if scans:
@@ -509,7 +509,7 @@ def _global_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     return (dy - h if dy > h // 2 else dy), (dx - w if dx > w // 2 else dx)
 
 
-def luma_views(frames: Iterable[np.ndarray], max_frames: int = 48) -> list[np.ndarray]:
+def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96) -> list[np.ndarray]:
     """Two averages of the luma of up to `max_frames` evenly spaced frames: a plain one (the mark
     is static) and one stabilised against global motion. Re-encoders carry a static pattern
     along with moving content when they drop residuals (H.264 at high CRF on a camera pan), so
@@ -535,7 +535,7 @@ def luma_views(frames: Iterable[np.ndarray], max_frames: int = 48) -> list[np.nd
     return [plain, acc / len(lumas)]
 
 
-def average_luma(frames: Iterable[np.ndarray], max_frames: int = 48) -> np.ndarray:
+def average_luma(frames: Iterable[np.ndarray], max_frames: int = 96) -> np.ndarray:
     """Mean luma of up to `max_frames` evenly spaced frames (uint8 RGB [H, W, 3] or luma [H, W])."""
     frames = list(frames)
     if not frames:
