@@ -98,6 +98,36 @@ def evaluate(
     run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps)
 
 
+@app.command()
+def mark(
+    input: Path = typer.Argument(..., help="Video to mark (any format PyAV reads)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .mp4 path."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="PEM certificate chain to sign with (default: your local identity)."),
+    key: Optional[Path] = typer.Option(None, "--key", help="PEM private key for --cert."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model that made the video, for the credentials."),
+    source_type: Optional[str] = typer.Option(None, "--source-type", help="IPTC digital source type (default trainedAlgorithmicMedia)."),
+    no_watermark: bool = typer.Option(False, "--no-watermark", help="Only sign; add no watermark."),
+    no_sign: bool = typer.Option(False, "--no-sign", help="Only watermark; add no Content Credentials."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Add the invisible watermark and signed Content Credentials (C2PA) to an existing video."""
+    from .provenance.commands import run_mark
+
+    run_mark(input, output, cert=cert, key=key, no_watermark=no_watermark, no_sign=no_sign, model_name=model_name, source_type=source_type, json_out=json_out)
+
+
+@app.command()
+def verify(
+    file: Path = typer.Argument(..., help="Video to check."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help="Extra PEM trust anchors (repeatable)."),
+) -> None:
+    """Report a video's watermark (with its false-positive probability) and Content Credentials."""
+    from .provenance.commands import run_verify
+
+    run_verify(file, json_out=json_out, trust=trust)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     from .errors import KinemaError
