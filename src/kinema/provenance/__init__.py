@@ -119,25 +119,37 @@ def mark_video(
     return facts
 
 
-def _read_luma(path: Path, max_frames: int = 96) -> list[np.ndarray]:
-    """Decode a video's luma planes (every k-th frame, at most about `max_frames`)."""
+def _read_luma(path: Path, max_frames: int = 96, fresh_per_key: int = 3, max_fresh: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Decode a video's luma: every k-th frame (about `max_frames`), and the first frames after
+    each keyframe (where a re-encoder rebuilt the picture)."""
     import av
 
     if not path.is_file():
         raise InputError(f"video not found: {path}")
+    sampled: list[np.ndarray] = []
+    fresh: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             total = stream.frames or 0
             step = max(1, -(-total // max_frames)) if total else 1
-            out = [f.to_ndarray(format="gray") for i, f in enumerate(container.decode(stream)) if i % step == 0]
+            countdown = 0
+            for i, frame in enumerate(container.decode(stream)):
+                countdown = fresh_per_key if frame.key_frame else countdown
+                keep, take_fresh = i % step == 0, countdown > 0 and len(fresh) < max_fresh
+                if keep or take_fresh:
+                    y = frame.to_ndarray(format="gray")
+                    if keep:
+                        sampled.append(y)
+                    if take_fresh:
+                        fresh.append(y)
+                countdown -= 1
     except (av.FFmpegError, IndexError) as exc:
         raise InputError(f"cannot read video {path}: {exc}") from None
-    if not out:
+    if not sampled:
         raise InputError(f"video has no frames: {path}")
-    step = max(1, -(-len(out) // max_frames))
-    return out[::step]
+    return sampled[:: max(1, -(-len(sampled) // max_frames))], fresh
 
 
 def verify_file(path: str | os.PathLike, *, trust: list[str | os.PathLike] | None = None, watermark: bool = True) -> dict[str, Any]:
@@ -154,7 +166,8 @@ def verify_file(path: str | os.PathLike, *, trust: list[str | os.PathLike] | Non
     if watermark:
         from . import watermark as wm
 
-        report["watermark"] = wm.detect_frames(_read_luma(path)).as_dict()
+        frames, fresh = _read_luma(path)
+        report["watermark"] = wm.detect_frames(frames, fresh=fresh).as_dict()
     report["c2pa"] = cr.read_credentials(path, cr.trust_anchors(trust))
     binding = report["c2pa"].get("soft_binding")
     if watermark and binding:

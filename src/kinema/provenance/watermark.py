@@ -509,30 +509,41 @@ def _global_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     return (dy - h if dy > h // 2 else dy), (dx - w if dx > w // 2 else dx)
 
 
-def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96) -> list[np.ndarray]:
-    """Two averages of the luma of up to `max_frames` evenly spaced frames: a plain one (the mark
-    is static) and one stabilised against global motion. Re-encoders carry a static pattern
-    along with moving content when they drop residuals (H.264 at high CRF on a camera pan), so
-    the mark may then follow the content instead of the frame."""
+def _stabilized_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
+    """Mean of frames shifted back by their accumulated global motion (None if no motion)."""
+    acc = lumas[0].copy()
+    pos = np.zeros(2, np.int64)
+    prev = _resize_to(lumas[0], max(1, lumas[0].shape[0] // 2), max(1, lumas[0].shape[1] // 2))
+    for lum in lumas[1:]:
+        small = _resize_to(lum, prev.shape[0], prev.shape[1])
+        pos += np.array(_global_shift(prev, small)) * 2
+        prev = small
+        acc += np.roll(lum, (-int(pos[0]), -int(pos[1])), axis=(0, 1))
+    return acc / len(lumas) if pos.any() else None
+
+
+def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterable[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Averages of the luma of up to `max_frames` evenly spaced frames, seen three ways.
+
+    Re-encoders that drop residuals at high CRF let motion compensation carry the static mark
+    along with moving content, so besides the plain mean (the mark is static) we also look at
+    a mean stabilised against global motion (camera pans) and at the frames right after
+    keyframes (`fresh`; default the first three frames), where the encoder rebuilt the picture
+    and the mark is still in place."""
     frames = list(frames)
     if not frames:
         raise ValueError("no frames")
     step = max(1, math.ceil(len(frames) / max_frames))
     lumas = [_luma(f) for f in frames[::step]]
-    plain = np.mean(lumas, axis=0)
-    if len(lumas) < 2:
-        return [plain]
-    acc = lumas[0].copy()
-    pos = np.zeros(2, np.int64)
-    prev_small = _resize_to(lumas[0], max(1, lumas[0].shape[0] // 2), max(1, lumas[0].shape[1] // 2))
-    for lum in lumas[1:]:
-        small = _resize_to(lum, prev_small.shape[0], prev_small.shape[1])
-        pos += np.array(_global_shift(prev_small, small)) * 2
-        prev_small = small
-        acc += np.roll(lum, (-int(pos[0]), -int(pos[1])), axis=(0, 1))
-    if not pos.any():
-        return [plain]
-    return [plain, acc / len(lumas)]
+    views = [np.mean(lumas, axis=0)]
+    if len(lumas) >= 2:
+        stab = _stabilized_mean(lumas)
+        if stab is not None:
+            views.append(stab)
+    fresh_l = [_luma(f) for f in fresh] if fresh is not None else [_luma(f) for f in frames[:3]]
+    if fresh_l and len(fresh_l) < len(frames):
+        views.append(np.mean(fresh_l, axis=0))
+    return views
 
 
 def average_luma(frames: Iterable[np.ndarray], max_frames: int = 96) -> np.ndarray:
@@ -544,15 +555,15 @@ def average_luma(frames: Iterable[np.ndarray], max_frames: int = 96) -> np.ndarr
     return np.mean([_luma(f) for f in frames[::step]], axis=0)
 
 
-def detect_frames(frames: Iterable[np.ndarray] | np.ndarray, **kwargs) -> Detection:
+def detect_frames(frames: Iterable[np.ndarray] | np.ndarray, *, fresh: Iterable[np.ndarray] | None = None, **kwargs) -> Detection:
     """Detect the watermark in frames [F, H, W, 3] (uint8 RGB) or luma frames [F, H, W].
 
     Runs the detector on each view of `luma_views`; the p-value is Bonferroni-corrected for it."""
-    views = luma_views(frames)
+    views = luma_views(frames, fresh=fresh)
     threshold = kwargs.pop("threshold", DETECTION_P)
     results = [detect_luma(v, threshold=threshold, **kwargs) for v in views]
     best = min(results, key=lambda d: (d.payload is None, d.p_value))
     best.p_value = min(1.0, len(views) * best.p_value)
     best.detected = best.p_value <= threshold
-    best.tests *= len(views)
+    best.tests = sum(d.tests for d in results)
     return best
