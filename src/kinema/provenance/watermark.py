@@ -27,6 +27,7 @@ Design (public detector, no secret: the point is provenance, not secrecy):
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -93,13 +94,10 @@ class _Layout:
         return v
 
 
-_LAYOUT: list[_Layout] = []
-
-
+@functools.lru_cache(maxsize=1)
 def _layout() -> _Layout:
-    if not _LAYOUT:  # a cache of a constant, built lazily to keep import cheap
-        _LAYOUT.append(_Layout.build())
-    return _LAYOUT[0]
+    """The layout, built lazily (and once) to keep import cheap."""
+    return _Layout.build()
 
 
 # ----------------------------------------------------------------------------- payload coding
@@ -314,28 +312,24 @@ class Detection:
 
 
 PREFILTER_R = 6  # radius of the local-mean removal in the detection domain (px)
-_CACHE: dict[str, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _constants() -> dict[str, np.ndarray]:
-    """Detection-domain constants (cached; they depend only on the public layout)."""
-    if not _CACHE:
-        lay = _layout()
-        ref = np.fft.fft2(_render(lay.values(None), DET, DET, float(DET)).astype(np.float64))
-        f = np.fft.fftfreq(DET)
-        n = 2 * PREFILTER_R + 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            d1 = np.where(f == 0, 1.0, np.sin(np.pi * f * n) / (n * np.sin(np.pi * f)))
-        hp = 1.0 - np.outer(d1, d1)  # response of "image minus its box mean" on the DET grid
-        ky, kx = np.meshgrid(np.fft.fftfreq(DET, 1.0 / DET), np.fft.fftfreq(DET, 1.0 / DET), indexing="ij")
-        radius = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64)
-        # Per-coefficient unit basis in the folded spectrum: the half-pixel centre phase, times
-        # 1 (cosine part) or i (sine part) - see _render.
-        iy, ix = lay.ky % DET, lay.kx % DET
-        basis = np.exp(1j * np.pi * (lay.ky + lay.kx) / DET) * np.where(lay.part == 0, 1.0, -1j) * hp[iy, ix]
-        group = np.minimum(((np.hypot(lay.ky, lay.kx) - R_MIN) / 2.0).astype(int), 3)
-        _CACHE.update(ref=ref, hp=hp, radius=radius, ky=ky, kx=kx, iy=iy, ix=ix, basis=basis, group=group)
-    return _CACHE
+    """Detection-domain constants (built once; they depend only on the public layout)."""
+    lay = _layout()
+    ref = np.fft.fft2(_render(lay.values(None), DET, DET, float(DET)).astype(np.float64))
+    f = np.fft.fftfreq(DET)
+    n = 2 * PREFILTER_R + 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d1 = np.where(f == 0, 1.0, np.sin(np.pi * f * n) / (n * np.sin(np.pi * f)))
+    hp = 1.0 - np.outer(d1, d1)  # response of "image minus its box mean" on the DET grid
+    ky, kx = np.meshgrid(np.fft.fftfreq(DET, 1.0 / DET), np.fft.fftfreq(DET, 1.0 / DET), indexing="ij")
+    radius = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64)
+    # Per-coefficient unit basis in the folded spectrum: the half-pixel centre phase, times
+    # 1 (cosine part) or -i (sine part) - see _render.
+    iy, ix = lay.ky % DET, lay.kx % DET
+    basis = np.exp(1j * np.pi * (lay.ky + lay.kx) / DET) * np.where(lay.part == 0, 1.0, -1j) * hp[iy, ix]
+    group = np.minimum(((np.hypot(lay.ky, lay.kx) - R_MIN) / 2.0).astype(int), 3)
+    return dict(ref=ref, hp=hp, radius=radius, ky=ky, kx=kx, iy=iy, ix=ix, basis=basis, group=group)
 
 
 def _prefilter(img: np.ndarray) -> np.ndarray:
