@@ -350,3 +350,31 @@ def test_diffusers_saved_folder_loads_like_official(tmp_path, folders):
     _assert_same_modules(mine.transformer, off.transformer)
     _assert_same_modules(mine.vae, off.vae)
     _assert_same_modules(mine.text_encoder.model, off.text_encoder.model)
+
+
+@pytest.mark.parametrize("kind", ["t2v-moe", "ti2v"])
+def test_diffusers_pipeline_loads_tiny_folder(folders, kind):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.WanPipeline.from_pretrained(folders[(kind, "diffusers")])
+    assert (pipe.transformer_2 is not None) is (kind == "t2v-moe")
+    assert pipe.config.boundary_ratio == (0.875 if kind == "t2v-moe" else None)
+
+
+def test_i2v_kind_layouts(tmp_path):
+    off = make_tiny_model(tmp_path / "o", "i2v-moe", "official", seed=2)
+    dif = make_tiny_model(tmp_path / "d", "i2v-moe", "diffusers", seed=2)
+    a = load_model(off, components=["transformer_2"])
+    b = load_model(dif, components=["transformer_2"])
+    assert a.spec.dit.model_type == "i2v" and a.spec.dit.in_dim == 36 and a.spec.defaults.boundary == 0.9
+    assert a.transformer is None and a.transformer_2 is not None
+    _assert_same_modules(a.transformer_2, b.transformer_2)
+
+
+def test_in_place_edits_do_not_touch_the_files(folders):
+    folder = folders[("ti2v", "official")]
+    a = load_model(folder, components=["transformer", "vae"])
+    before = a.transformer.blocks[0].self_attn.q.weight.clone()
+    a.transformer.blocks[0].self_attn.q.weight.data.mul_(2)  # memory-mapped tensors are private copies
+    a.vae.conv2.weight.data.add_(1)
+    b = load_model(folder, components=["transformer"])
+    assert torch.equal(b.transformer.blocks[0].self_attn.q.weight, before)
