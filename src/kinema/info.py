@@ -10,7 +10,7 @@ accelerator (text encoder, then the DiT(s), then the VAE), so the peak is the la
   the FFN intermediate and the attention output of one block at a time, for the conditional
   and unconditional passes run one after the other) + the latents;
 - VAE decode: its weights in float32 + the activations of one chunk (one latent frame ->
-  4 video frames) at the widest decoder stage, ~ VAE_ACT_FACTOR x 4 frames x H x W x width
+  4 video frames) at the largest decoder level, ~ VAE_ACT_FACTOR x 4 frames x pixels x width
   x 4 bytes, plus the decoded video in float32.
 """
 
@@ -26,7 +26,8 @@ from .loading import FolderInfo, inspect_folder
 # residual stream (fp32) + norm output + q, k, v, attention output + the FFN intermediate
 # (ffn_dim ~ 3-5 x dim) + RoPE'd q/k copies; ~40 bytes covers the 14B and 5B shapes.
 ACT_BYTES_PER_TOKEN_DIM = 40
-# Live feature maps at the widest VAE decoder stage (input, two residual convs, cache, output).
+# Live feature maps at the largest VAE decoder level (block input, norm and conv outputs, causal
+# caches, shortcut), each of one 4-frame chunk.
 VAE_ACT_FACTOR = 6
 
 GiB = 1024**3
@@ -34,6 +35,23 @@ GiB = 1024**3
 
 def _compute_bytes(info: FolderInfo, name: str, itemsize: int) -> int:
     return info.components[name].params * itemsize
+
+
+def _vae_widest_map(vae, height: int, width: int) -> int:
+    """Elements (per frame) of the largest decoder feature map: channels x pixels per level.
+
+    Level r runs at 1/2^r of the (patchified) output size. Wan2.1 upsamplers halve the width,
+    so level r holds base*mult[r] channels; Wan2.2 upsamplers keep it, so level r also sees
+    the wider output of level r+1 (base*mult[r+1]).
+    """
+    base = vae.dec_dim or vae.dim
+    mult = vae.dim_mult
+    pixels = height * width // (vae.patch_size**2)
+    best = 0
+    for r in range(len(mult)):
+        width_r = base * mult[min(r + 1, len(mult) - 1)] if vae.version == "2.2" else base * mult[r]
+        best = max(best, pixels // 4**r * width_r)
+    return best
 
 
 def estimate_memory(info: FolderInfo, compute_itemsize: int = 2) -> dict[str, Any]:
@@ -61,12 +79,7 @@ def estimate_memory(info: FolderInfo, compute_itemsize: int = 2) -> dict[str, An
     dit_peak_resident = both_experts + dit_act + latents
 
     vae_weights = info.components["vae"].params * 4  # decoded in float32
-    widest = max(vae.dec_dim or vae.dim, vae.dim) * max(vae.dim_mult)
-    pixels = height * width // (vae.patch_size**2)
-    # The widest stage runs at 1/4 of the output size at 4x fewer frames; the last stages at
-    # full size but narrower: bound by the widest stage at 1/4 the pixels plus the full-size
-    # stage at the base width.
-    vae_act = VAE_ACT_FACTOR * 4 * 4 * (pixels // 4 * widest + pixels * (vae.dec_dim or vae.dim))
+    vae_act = VAE_ACT_FACTOR * 4 * 4 * _vae_widest_map(vae, height, width)  # 4 frames, float32
     video = 3 * frames * height * width * 4
     vae_peak = vae_weights + vae_act + video
 
