@@ -378,3 +378,18 @@ def test_in_place_edits_do_not_touch_the_files(folders):
     a.vae.conv2.weight.data.add_(1)
     b = load_model(folder, components=["transformer"])
     assert torch.equal(b.transformer.blocks[0].self_attn.q.weight, before)
+
+
+def test_kinema_json_overrides(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", "ti2v", "official",
+                             defaults={"size": [96, 64], "frames": 5, "guidance": 3.5, "sampler": "euler"})
+    spec = inspect_folder(folder).spec
+    assert spec.defaults.size == (96, 64) and spec.defaults.frames == 5
+    assert spec.defaults.guidance == 3.5 and spec.defaults.sampler == "euler"
+    assert spec.defaults.shift == 5.0  # untouched fields come from the closest preset
+    (folder / "kinema.json").write_text(json.dumps({"defaults": {"colour": 1}}))
+    with pytest.raises(ModelFolderError, match="kinema.json: unknown default 'colour'"):
+        inspect_folder(folder)
+    (folder / "kinema.json").write_text(json.dumps({"defaults": {"size": "big"}}))
+    with pytest.raises(ModelFolderError, match="kinema.json: bad value for 'size'"):
+        inspect_folder(folder)

@@ -554,12 +554,23 @@ def _apply_overrides(defaults: SamplingDefaults, overrides: Mapping[str, Any], s
     for key, value in overrides.items():
         if key not in allowed:
             raise ModelFolderError(f"{source}: unknown default {key!r} (known: {', '.join(sorted(allowed))})")
-        if key == "size":
-            value = tuple(int(v) for v in value)
-        elif key == "supported_sizes":
-            value = tuple(tuple(int(v) for v in s) for s in value)
-        elif key == "guidance" and isinstance(value, list):
-            value = tuple(float(v) for v in value)
+        try:
+            if key == "size":
+                value = tuple(int(v) for v in value)
+                if len(value) != 2:
+                    raise ValueError("size must be [width, height]")
+            elif key == "supported_sizes":
+                value = tuple(tuple(int(v) for v in s) for s in value)
+            elif key == "guidance":
+                value = tuple(float(v) for v in value) if isinstance(value, list) else float(value)
+            elif key in ("frames", "fps", "steps"):
+                value = int(value)
+            elif key in ("shift", "boundary") and value is not None:
+                value = float(value)
+            elif key in ("sampler", "negative_prompt"):
+                value = str(value)
+        except (TypeError, ValueError) as exc:
+            raise ModelFolderError(f"{source}: bad value for {key!r}: {value!r} ({exc})") from None
         changes[key] = value
     return replace(defaults, **changes)
 
