@@ -3,6 +3,8 @@
 1. tokenizer: a sentencepiece unigram model trained on the caption corpus (umT5 layout)
 2. vae: the small Wan2.2-style VAE (reconstruction + KL), then latent statistics folded in
 3. latents: a fixed set of procedural clips encoded once with the trained VAE
+3b. decoder: the decoder fine-tuned on the frozen encoder's latents (independent of 4, so
+   both can run at the same time in two processes: `--steps decoder` and `--steps dit`)
 4. dit: the ti2v DiT and the umT5-style text encoder, trained jointly with flow matching
 5. export: fp16 weights in the official folder layout (+ kinema.json sampling defaults)
 
@@ -23,9 +25,9 @@ import torch
 
 from .dit_train import DiTTrainSpec
 from .trainer import OptimConfig
-from .vae_train import VAETrainSpec
+from .vae_train import DecoderTuneSpec, VAETrainSpec
 
-STEPS = ("tokenizer", "vae", "latents", "dit", "export")
+STEPS = ("tokenizer", "vae", "latents", "decoder", "dit", "export")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,11 @@ class Recipe:
     corpus_size: int = 20000  # paraphrases the tokenizer is trained on
     vae: VAETrainSpec = field(default_factory=VAETrainSpec)
     vae_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=700, lr=1e-3, warmup=50, ema_decay=0.995, checkpoint_every=50, log_every=25))
-    num_clips: int = 1500
+        steps=1100, lr=2e-3, warmup=50, ema_decay=0.995, checkpoint_every=50, log_every=25))
+    num_clips: int = 1000
+    decoder: DecoderTuneSpec = field(default_factory=DecoderTuneSpec)
+    decoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=2500, lr=5e-4, warmup=20, ema_decay=0.995, checkpoint_every=50, log_every=25))
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         steps=1200, lr=6e-4, warmup=60, ema_decay=0.995, checkpoint_every=50, log_every=25))
@@ -52,6 +57,8 @@ def tiny_recipe() -> Recipe:
         vae=VAETrainSpec(dim=4, dec_dim=4, batch=1, frames=5, crop=32),
         vae_optim=OptimConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1),
         num_clips=8,
+        decoder=DecoderTuneSpec(batch=1, frames=5, latent_crop=1),
+        decoder_optim=OptimConfig(steps=2, lr=1e-3, warmup=1, checkpoint_every=1, log_every=1),
         dit=DiTTrainSpec(dim=32, ffn_dim=64, num_heads=1, num_layers=1, t5_dim=16, t5_ffn=32,
                          t5_heads=2, t5_layers=1, batch=4),
         dit_optim=OptimConfig(steps=6, lr=1e-3, warmup=1, checkpoint_every=3, log_every=1),
@@ -93,6 +100,8 @@ def run_recipe(work: Path, recipe: Recipe | None = None, steps: tuple[str, ...] 
             st.train_vae(work, recipe, log, progress)
         elif name == "latents":
             st.encode_latents(work, recipe, log, progress)
+        elif name == "decoder":
+            st.tune_decoder(work, recipe, log, progress)
         elif name == "dit":
             st.train_dit(work, recipe, log, progress)
         elif name == "export":

@@ -37,7 +37,7 @@ def _vae_path(work: Path) -> Path:
 def train_vae(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
     from ..models.vae import WanVAE
     from .data import make_clip, train_combos
-    from .vae_train import clips_to_tensor, fold_latent_stats, latent_stats, make_vae_loss_fn
+    from .vae_train import clips_to_tensor, fold_latent_stats, init_for_training, latent_stats, make_vae_loss_fn
 
     final = _vae_path(work)
     if final.is_file():
@@ -192,7 +192,8 @@ def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
               "out_dim": cfg.out_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
               "text_len": cfg.text_len, "eps": cfg.eps}
     (out / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-    vae = torch.load(work / "vae.pt", map_location="cpu", weights_only=True)
+    vae_file = work / "vae_tuned.pt" if (work / "vae_tuned.pt").is_file() else work / "vae.pt"
+    vae = torch.load(vae_file, map_location="cpu", weights_only=True)
     torch.save({k: v.half().contiguous() for k, v in vae.items()}, out / "Wan2.2_VAE.pth")
     # the text encoder is tiny: float32 keeps its features exactly as trained
     torch.save({k: v.float().contiguous() for k, v in t5.items()}, out / "models_t5_umt5-xxl-enc-bf16.pth")
@@ -203,3 +204,25 @@ def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
     (out / "kinema.json").write_text(json.dumps(sampling_defaults(recipe), indent=1), encoding="utf-8")
     log(f"export: {out} (vocab {tokenizer.vocab_size})")
     return out
+
+
+def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
+    """Fine-tune conv2 + decoder on latents of the frozen encoder; writes vae_tuned.pt."""
+    from .vae_train import make_decoder_loss_fn
+
+    final = work / "vae_tuned.pt"
+    if final.is_file():
+        log("tuned decoder exists, skipped")
+        return final
+    vae = load_trained_vae(work, recipe)
+    vae.requires_grad_(False)
+    vae.conv2.requires_grad_(True)
+    vae.decoder.requires_grad_(True)
+    trainer = Trainer(vae, make_decoder_loss_fn(vae, recipe.decoder, recipe.seed, recipe.size),
+                      recipe.decoder_optim, checkpoint=work / "decoder_ckpt.pt", name="decoder", log=log)
+    trainer.maybe_resume()
+    trainer.run(progress=progress)
+    vae.load_state_dict(trainer.ema_state())
+    torch.save(vae.state_dict(), final)
+    log(f"decoder: final loss {np.mean(trainer.history[-50:]):.5f}")
+    return final

@@ -1,4 +1,4 @@
-"""Training of the small Wan2.2-style VAE (reconstruction objective + a light KL term).
+"""Training of the small Wan2.2-style VAE (reconstruction objective on the mean latent).
 
 The forward used for training runs the very modules and chunk schedule of `WanVAE.encode` /
 `WanVAE.decode` (patchify, chunks 1, 4, 4, ... through one `CausalCache`, one latent frame at a
@@ -31,10 +31,11 @@ class VAETrainSpec:
     dim: int = 12
     dec_dim: int = 24
     z_dim: int = 48
-    batch: int = 4
+    batch: int = 8
     frames: int = 9  # 1 + 4 + 4: covers the first-chunk rules and the steady state
-    crop: int = 64
-    kl_weight: float = 1e-4
+    crop: int = 32  # small crops: many cheap steps (the VAE is convolutional)
+    latent_noise: float = 0.1  # std of the noise added to the mean latent while training
+    l2_weight: float = 1e-3  # keeps the latent scale in check (so the noise stays meaningful)
     fg_weight: float = 4.0  # extra weight on pixels that differ from the frame's median (the object)
 
     def vae_config(self) -> VAEConfig:
@@ -72,6 +73,23 @@ def decode_raw(vae: WanVAE, z_raw: Tensor) -> Tensor:
     return torch.cat(outs, dim=2)
 
 
+def init_for_training(vae: WanVAE) -> WanVAE:
+    """Zero the last conv of every residual block, so each block starts as the identity.
+
+    At small widths a randomly initialized residual stack drowns the input signal, and the
+    VAE spends hundreds of steps predicting a mean colour; starting from identity blocks, the
+    parameter-free AvgDown/DupUp shortcuts carry the image through from step 0.
+    """
+    from ..models.vae import ResidualBlock
+
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResidualBlock):
+                module.residual[6].weight.zero_()
+                module.residual[6].bias.zero_()
+    return vae
+
+
 def clips_to_tensor(clips: list[np.ndarray]) -> Tensor:
     """uint8 [T, H, W, 3] clips -> float [B, 3, T, H, W] in [-1, 1]."""
     arr = np.stack(clips).astype(np.float32) / 127.5 - 1.0
@@ -106,18 +124,20 @@ def vae_batch(spec: VAETrainSpec, seed: int, step: int) -> Tensor:
 
 
 def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-    mu, log_var = encode_raw(vae, video)
-    log_var = log_var.clamp(-30.0, 20.0)
-    z = mu + torch.randn(mu.shape, generator=gen) * (0.5 * log_var).exp()
+    # Inference only ever uses the mean latent, so train on it directly (a sampled posterior
+    # with a learned variance starts out as pure noise and slows learning down a lot); a little
+    # fixed noise keeps the decoder tolerant of the DiT's imperfect latents.
+    mu, _ = encode_raw(vae, video)
+    z = mu + spec.latent_noise * torch.randn(mu.shape, generator=gen)
     recon = decode_raw(vae, z)
     # object pixels are few: weight pixels far from the frame's median colour more
     median = video.flatten(3).median(dim=3).values[..., None, None]
     weight = 1.0 + spec.fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
     err = recon - video
     rec = (weight * (err.abs() + err.square())).mean()
-    kl = 0.5 * (mu.square() + log_var.exp() - 1.0 - log_var).mean()
-    loss = rec + spec.kl_weight * kl
-    return loss, {"rec": float(rec.detach()), "kl": float(kl.detach())}
+    l2 = mu.square().mean()
+    loss = rec + spec.l2_weight * l2
+    return loss, {"rec": float(rec.detach()), "l2": float(l2.detach())}
 
 
 def make_vae_loss_fn(vae: WanVAE, spec: VAETrainSpec, seed: int):
@@ -155,3 +175,54 @@ def fold_latent_stats(vae: WanVAE, mean: Tensor, std: Tensor) -> None:
     w2, b2 = vae.conv2.weight, vae.conv2.bias  # [z, z, 1, 1, 1]
     b2.copy_((b2.float() + w2.float()[:, :, 0, 0, 0] @ d).to(b2.dtype))
     w2.mul_(c.view(1, z, 1, 1, 1).to(w2.dtype))
+
+
+@dataclass(frozen=True)
+class DecoderTuneSpec:
+    """Decoder fine-tuning on frozen latents (the DiT trains on the same frozen encoder)."""
+
+    batch: int = 4
+    frames: int = 9
+    latent_crop: int = 4  # latent cells per side of a training crop (x16 pixels)
+    full_frame_prob: float = 0.25
+    latent_noise: float = 0.1  # in normalized latent units: tolerance to the DiT's errors
+    fg_weight: float = 4.0
+
+
+def decoder_batch(vae: WanVAE, spec: DecoderTuneSpec, seed: int, step: int, size: int) -> tuple[Tensor, Tensor]:
+    """(normalized latent crop, matching video crop): full clips are encoded by the frozen
+    encoder exactly as at inference, then cropped in latent space."""
+    rng = np.random.default_rng([seed, 13, step])
+    clips = [make_clip(seed + 4000, step * spec.batch + j, size, spec.frames, combos=train_combos())[0]
+             for j in range(spec.batch)]
+    video = clips_to_tensor(clips)
+    with torch.no_grad():
+        z = vae.encode(video)
+    s = vae.cfg.spatial_stride
+    n = z.shape[-1]
+    if rng.random() >= spec.full_frame_prob and spec.latent_crop < n:
+        c = spec.latent_crop
+        y0, x0 = (int(v) for v in rng.integers(0, n - c + 1, size=2))
+        z = z[..., y0:y0 + c, x0:x0 + c]
+        video = video[..., y0 * s:(y0 + c) * s, x0 * s:(x0 + c) * s]
+    return z, video
+
+
+def decode_normalized(vae: WanVAE, z: Tensor) -> Tensor:
+    """`WanVAE.decode` with gradients (no clamp): denormalize with the config constants, then
+    the same per-latent-frame schedule."""
+    mean, inv_std = vae._scale(z.device)
+    return decode_raw(vae, z / inv_std + mean)
+
+
+def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, seed: int, size: int):
+    def loss_fn(step: int, gen: torch.Generator):
+        z, video = decoder_batch(vae, spec, seed, step, size)
+        z = z + spec.latent_noise * torch.randn(z.shape, generator=gen)
+        recon = decode_normalized(vae, z)
+        median = video.flatten(3).median(dim=3).values[..., None, None]
+        weight = 1.0 + spec.fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
+        err = recon - video
+        loss = (weight * (err.abs() + err.square())).mean()
+        return loss, {}
+    return loss_fn
