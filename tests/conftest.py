@@ -25,3 +25,15 @@ def keys_dir() -> Path:
     if not KEYS_DIR.is_dir():
         pytest.skip("../shared/reference/keys is not present")
     return KEYS_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    # The suite runs tiny models: intra-op threads only add overhead there (and stall badly on
+    # a busy 2-core machine). Tests that want more threads set them and restore this.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

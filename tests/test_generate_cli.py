@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kinema.cli import main
 from kinema.conditioning import best_output_size, i2v_latent_size
@@ -22,14 +21,6 @@ from kinema.video_io import read_video
 FRAMES, STEPS = 5, 2
 TINY_FPS = 8  # tiny_defaults()["fps"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny models: intra-op threads only add overhead (and stall badly on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

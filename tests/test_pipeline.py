@@ -23,14 +23,6 @@ from conftest import golden_files
 PIPE_CASES = golden_files("pipe_*.safetensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny models: intra-op threads only add overhead (and stall badly on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------ golden parity
 

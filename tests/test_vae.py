@@ -21,14 +21,6 @@ TINY22 = VAEConfig(version="2.2", dim=4, dec_dim=6, z_dim=8, latents_mean=(0.1,)
                    latents_std=(0.7,) * 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny convs: intra-op threads only add overhead (and stall badly on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_vae(cfg: VAEConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> WanVAE:
     """A VAE with seeded random weights (gammas near 1), built on meta and assign-loaded."""

@@ -32,10 +32,15 @@ def config_from_ctor(ctor: dict[str, Any]) -> DiTConfig:
     return DiTConfig(**kw)
 
 
-def build_model(case) -> WanModel:
-    model = build_dit(config_from_ctor(case.params["ctor"]), device="meta")
-    model.load_state_dict(case.weights, strict=True, assign=True)
+def load_dit(ctor: dict[str, Any], weights: dict[str, Tensor]) -> WanModel:
+    """WanModel from official constructor kwargs, built on meta and assign-loaded (strict)."""
+    model = build_dit(config_from_ctor(ctor), device="meta")
+    model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
+
+
+def build_model(case) -> WanModel:
+    return load_dit(case.params["ctor"], case.weights)
 
 
 def _contexts(inputs: dict[str, Tensor]) -> list[Tensor]:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kinema.config import ModelSpec, SamplingDefaults, VAEConfig
-from kinema.models.vae import WanVAE
+from kinema.config import ModelSpec, SamplingDefaults
 from kinema.pipeline import Conditioning, Hooks, ModelCall, Pipeline
-from kinema.testing.golden_dit import config_from_ctor
+from kinema.testing.golden_dit import load_dit
+from kinema.testing.golden_vae import build_vae, vae_config
 
 PROMPT = "golden prompt"
 NEGATIVE = "golden negative prompt"
@@ -32,37 +32,6 @@ class LookupEncoder:
 
     def encode(self, prompts: list[str]) -> list[Tensor]:
         return [self.table[p] for p in prompts]
-
-
-def _build_dit(case, prefix: str, ctor: dict[str, Any]):
-    from kinema.models.dit import build_dit
-
-    model = build_dit(config_from_ctor(ctor), device="meta")
-    model.load_state_dict(case.weights_under(prefix), strict=True, assign=True)
-    return model.eval()
-
-
-def _vae_config(case, version: str) -> VAEConfig:
-    c = case.params["vae_ctor"]
-    return VAEConfig(
-        version=version,
-        dim=int(c["dim"]),
-        dec_dim=int(c["dec_dim"]) if c.get("dec_dim") is not None else None,
-        z_dim=int(c["z_dim"]),
-        dim_mult=tuple(int(m) for m in c["dim_mult"]),
-        num_res_blocks=int(c["num_res_blocks"]),
-        attn_scales=tuple(float(s) for s in c.get("attn_scales", ())),
-        temperal_downsample=tuple(bool(f) for f in c["temperal_downsample"]),
-        latents_mean=tuple(case.inputs["latents_mean"].tolist()),
-        latents_std=tuple(case.inputs["latents_std"].tolist()),
-    )
-
-
-def _build_vae(case, cfg: VAEConfig) -> WanVAE:
-    with torch.device("meta"):
-        vae = WanVAE(cfg)
-    vae.load_state_dict(case.weights_under("vae"), strict=True, assign=True)
-    return vae.eval()
 
 
 def _check_geometry(spec: ModelSpec, p: dict[str, Any]) -> None:
@@ -114,9 +83,9 @@ def _pipeline(case, spec: ModelSpec, transformer, transformer_2, vae) -> Pipelin
 
 def _run_t2v_moe(case) -> dict[str, Tensor]:
     p = case.params
-    high = _build_dit(case, "high_noise_model", p["ctor"])
-    low = _build_dit(case, "low_noise_model", p["ctor"])
-    vcfg = _vae_config(case, "2.1")
+    high = load_dit(p["ctor"], case.weights_under("high_noise_model"))
+    low = load_dit(p["ctor"], case.weights_under("low_noise_model"))
+    vcfg = vae_config("2.1", p["vae_ctor"], case.inputs["latents_mean"], case.inputs["latents_std"])
     spec = ModelSpec(
         name="golden-t2v-moe", dit=high.cfg, vae=vcfg, two_experts=True,
         defaults=SamplingDefaults(size=tuple(p["size"]), frames=int(p["frame_num"]), steps=int(p["sampling_steps"]),
@@ -125,7 +94,7 @@ def _run_t2v_moe(case) -> dict[str, Tensor]:
                                   negative_prompt=NEGATIVE),
     )
     _check_geometry(spec, p)
-    pipe = _pipeline(case, spec, high, low, _build_vae(case, vcfg))
+    pipe = _pipeline(case, spec, high, low, build_vae(vcfg, case.weights_under("vae")))
     settings = pipe.settings(PROMPT, seed=int(p.get("seed", 0)))
     rec = _Recorder(case.inputs["noise"])
     pipe.run(settings, hooks=rec.hooks)
@@ -150,8 +119,8 @@ def _run_t2v_moe(case) -> dict[str, Tensor]:
 
 def _run_ti2v(case) -> dict[str, Tensor]:
     p = case.params
-    model = _build_dit(case, "model", p["ctor"])
-    vcfg = _vae_config(case, "2.2")
+    model = load_dit(p["ctor"], case.weights_under("model"))
+    vcfg = vae_config("2.2", p["vae_ctor"], case.inputs["latents_mean"], case.inputs["latents_std"])
     spec = ModelSpec(
         name="golden-ti2v", dit=model.cfg, vae=vcfg,
         defaults=SamplingDefaults(size=tuple(p["t2v_size"]), frames=int(p["frame_num"]),
@@ -160,7 +129,7 @@ def _run_ti2v(case) -> dict[str, Tensor]:
                                   negative_prompt=NEGATIVE),
     )
     _check_geometry(spec, p)
-    pipe = _pipeline(case, spec, model, None, _build_vae(case, vcfg))
+    pipe = _pipeline(case, spec, model, None, build_vae(vcfg, case.weights_under("vae")))
     out: dict[str, Tensor] = {}
 
     def record(prefix: str, rec: _Recorder) -> None:
