@@ -330,7 +330,7 @@ def print_report(results: dict) -> None:
         if key not in results:
             continue
         print(f"\n## {title}\n")
-        print("| attack | detected (p <= 1e-6) | payload exact | median p | worst p | mean coded-bit errors /258 | detect s |")
+        print("| attack | detected (p <= 1e-6) | payload exact | median p | worst p | mean coded-bit errors /264 | detect s |")
         print("|---|---|---|---|---|---|---|")
         for name, rows in results[key].items():
             n = len(rows)
