@@ -329,8 +329,10 @@ def read_credentials(path: str | os.PathLike, anchors: list[bytes] | None = None
         state = "invalid"
     manifest = (store.get("manifests") or {}).get(store.get("active_manifest") or "", {})
     out: dict[str, Any] = {"state": state, "validation_state": vstate or None}
-    if failures:
-        out["errors"] = failures
+    if state == "invalid":
+        out["errors"] = failures or [f"validation state {vstate or 'unknown'}"]
+    elif state == "valid":
+        out["untrusted_reason"] = "the signing certificate does not chain to a configured trust anchor"
     sig = manifest.get("signature_info") or {}
     out["signer"] = {k: sig.get(k) for k in ("common_name", "issuer", "alg", "time") if sig.get(k)}
     out["claim_generator"] = [f"{g.get('name')} {g.get('version', '')}".strip() for g in manifest.get("claim_generator_info") or []]

@@ -13,7 +13,8 @@ Design (public detector, no secret: the point is provenance, not secrecy):
   survive H.264, resizing and brightness changes; the same pattern sits in every frame, so
   frame drops do not matter and the detector averages frames to suppress moving content.
 * Strength follows a perceptual mask (stronger in textured areas, weaker in flat/dark ones),
-  scaled per frame so that the frame's PSNR is `MIN_PSNR_DB`.
+  scaled per frame so that the frame's PSNR is `MIN_PSNR_DB`, or lower in energy when an
+  estimated SSIM-loss budget (`SSIM_LOSS`, flat or dark frames) binds first.
 * Detection: average the luma of sampled frames; for each candidate scale, resample so that
   one tile spans 64 px, remove the local mean, clip outliers and fold all tiles onto one
   (cropping becomes a cyclic shift); whiten the folded spectrum ring by ring and correlate with
