@@ -11,7 +11,6 @@ numpy/PIL (resize, crop, brightness, frame dropping).
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 import tempfile
