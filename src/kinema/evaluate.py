@@ -148,9 +148,31 @@ def score(rows: list[dict]) -> dict[str, float]:
     return {k: sum(r[k] == r[f"want_{k}"] for r in rows) / n for k in ("colour", "shape", "direction")}
 
 
+def time_cli(model: Path | None, prompts: list[tuple[str, str, str]], runs: int) -> list[float]:
+    """Wall-clock seconds of complete `kinema generate` processes (startup, load, sample, MP4)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from .train.data import canonical_caption
+
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            prompt = canonical_caption(*prompts[i % len(prompts)])
+            cmd = [sys.executable, "-m", "kinema", "generate", prompt, "--seed", str(i), "-o",
+                   str(Path(tmp) / f"v{i}.mp4")]
+            if model is not None:
+                cmd += ["--model", str(model)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None, videos: Path | None = None,
              steps: int | None = None, prompts: list[tuple[str, str, str]] | None = None,
-             log=print) -> dict:
+             cli_runs: int = 3, log=print) -> dict:
     """Generate every held-out prompt with `seeds` seeds and score the videos."""
     from .pipeline import load
     from .train.data import HELD_OUT, canonical_caption
@@ -176,15 +198,21 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
             log(f"{prompt:40s} seed {seed}: {det.colour}/{det.shape}/{det.direction} "
                 f"fill {det.fill if det.fill is None else round(det.fill, 2)} d {tuple(round(v) for v in det.displacement)}")
     acc = score(rows)
+    cli = time_cli(model, prompts or HELD_OUT, cli_runs) if cli_runs else []
     report = {
         "videos": len(rows),
         "accuracy": acc,
         "seconds_per_video_generate": float(np.mean(gen_times)),
         "seconds_load": load_s,
+        "seconds_per_video_cli": float(np.mean(cli)) if cli else None,
+        "cli_runs": cli,
         "rows": rows,
     }
     log(f"accuracy: colour {acc['colour']:.3f}  shape {acc['shape']:.3f}  direction {acc['direction']:.3f}  "
         f"({len(rows)} videos, {report['seconds_per_video_generate']:.2f} s/video in-process, load {load_s:.1f} s)")
+    if cli:
+        log(f"`kinema generate` wall-clock (process start to MP4 written): {np.mean(cli):.2f} s "
+            f"(runs: {', '.join(f'{c:.2f}' for c in cli)})")
     if out is not None:
         Path(out).write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report

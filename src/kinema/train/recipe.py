@@ -44,10 +44,10 @@ class Recipe:
     num_clips: int = 1000
     decoder: DecoderTuneSpec = field(default_factory=DecoderTuneSpec)
     decoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=2500, lr=5e-4, warmup=20, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=1000, lr=1e-3, warmup=20, ema_decay=0.995, checkpoint_every=50, log_every=25))
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=1200, lr=6e-4, warmup=60, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=1600, lr=6e-4, warmup=40, ema_decay=0.995, checkpoint_every=50, log_every=25))
 
 
 def tiny_recipe() -> Recipe:
@@ -57,7 +57,7 @@ def tiny_recipe() -> Recipe:
         vae=VAETrainSpec(dim=4, dec_dim=4, batch=1, frames=5, crop=32),
         vae_optim=OptimConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1),
         num_clips=8,
-        decoder=DecoderTuneSpec(batch=1, frames=5, latent_crop=1),
+        decoder=DecoderTuneSpec(batch=1, latent_crop=1),
         decoder_optim=OptimConfig(steps=2, lr=1e-3, warmup=1, checkpoint_every=1, log_every=1),
         dit=DiTTrainSpec(dim=32, ffn_dim=64, num_heads=1, num_layers=1, t5_dim=16, t5_ffn=32,
                          t5_heads=2, t5_layers=1, batch=4),

@@ -218,7 +218,10 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     vae.requires_grad_(False)
     vae.conv2.requires_grad_(True)
     vae.decoder.requires_grad_(True)
-    trainer = Trainer(vae, make_decoder_loss_fn(vae, recipe.decoder, recipe.seed, recipe.size),
+    data = torch.load(work / "latents.pt", map_location="cpu", weights_only=True)
+    loss_fn = make_decoder_loss_fn(vae, recipe.decoder, data["latents"], recipe.seed, recipe.seed + 3000,
+                                   recipe.size, recipe.frames)
+    trainer = Trainer(vae, loss_fn,
                       recipe.decoder_optim, checkpoint=work / "decoder_ckpt.pt", name="decoder", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
