@@ -125,3 +125,82 @@ def test_null_statistic_is_calibrated():
 def test_tiny_frames_do_not_crash():
     d = wm.detect_frames(np.zeros((2, 32, 32, 3), np.uint8))
     assert not d.detected and d.p_value == 1.0
+
+
+# ----------------------------------------------------------------------------- small frames
+
+
+def _disc_clip(n: int = 17, h: int = 128, w: int = 128, seed: int = 0) -> np.ndarray:
+    """What the built-in model makes: a coloured disc moving over a gradient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    bg = np.stack([40 + 150 * xx / w, 60 + 120 * yy / h, 180 - 100 * xx / w], -1)
+    colour, r = rng.uniform(0, 255, 3), 0.2 * min(h, w)
+    frames = []
+    for t in range(n):
+        f = bg.copy()
+        f[(xx - w * (0.2 + 0.6 * t / n)) ** 2 + (yy - h * (0.3 + 0.4 * t / n)) ** 2 < r * r] = colour
+        frames.append(f)
+    return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    return wm._ssim(a.astype(np.float32) @ luma, b.astype(np.float32) @ luma)
+
+
+def test_small_clip_finalize_verify_and_crf28(tmp_path, monkeypatch):
+    from kinema.provenance import finalize_video, verify_file
+    from kinema.video_io import read_video, write_mp4
+
+    monkeypatch.setenv("KINEMA_CONFIG_DIR", str(tmp_path / "config"))
+    clip = _disc_clip()
+    facts = finalize_video(clip, tmp_path / "v.mp4", 8, model_name="x", sign=False, video_id="00000000beef")
+    payload = facts["watermark"]["payload"]
+    assert payload == "4b3100000000beef"
+    rep = verify_file(tmp_path / "v.mp4")["watermark"]
+    assert rep["detected"] and rep["payload"] == payload and rep["p_value"] <= 1e-6
+    frames = read_video(tmp_path / "v.mp4")[0]
+    assert frames.shape == clip.shape
+    write_mp4(frames, tmp_path / "crf28.mp4", 8, crf=28)
+    rep = verify_file(tmp_path / "crf28.mp4")["watermark"]
+    assert rep["detected"] and rep["payload"] == payload
+
+
+def test_small_clip_quality():
+    clip = _disc_clip(n=4)
+    marked = np.stack(list(wm.embed_frames(clip, wm.new_payload())))
+    for m, c in zip(marked, clip):
+        assert 40.0 <= _psnr(m, c) < 60.0
+        assert _ssim(m, c) >= 0.98
+
+
+@pytest.mark.parametrize("h,w", [(96, 160), (160, 96)])
+def test_small_non_square_clip(h, w):
+    clip = _disc_clip(n=9, h=h, w=w, seed=1)
+    payload = wm.new_payload("0123456789ab")
+    marked = np.stack(list(wm.embed_frames(clip, payload)))
+    darker = (marked.astype(np.float32) * 0.7).astype(np.uint8)
+    d = wm.detect_frames(darker)
+    assert d.detected and d.payload == payload and d.p_value <= 1e-6
+
+
+def test_small_unmarked_clip_not_detected():
+    d = wm.detect_frames(_disc_clip(seed=3))
+    assert not d.detected and d.payload is None and d.p_value > 1e-6
+
+
+def test_video_id_sets_payload():
+    assert wm.new_payload("00ABcdef0123") == "4b3100abcdef0123"
+
+
+@pytest.mark.parametrize("bad", ["", "xyz", "0123456789abc", "0123456789ag", "0x23456789ab"])
+def test_bad_video_id_rejected(bad, tmp_path):
+    from kinema.errors import InputError
+    from kinema.provenance import finalize_video
+
+    with pytest.raises(InputError):
+        wm.new_payload(bad)
+    with pytest.raises(InputError):
+        finalize_video(_disc_clip(n=2), tmp_path / "v.mp4", 8, model_name="x", sign=False, video_id=bad)
+    assert not (tmp_path / "v.mp4").exists()

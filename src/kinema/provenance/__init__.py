@@ -38,6 +38,7 @@ def _write(
     sign: bool,
     identity: "SigningIdentity | None",
     manifest_args: dict[str, Any],
+    video_id: str | None = None,
 ) -> dict[str, Any]:
     """Shared by finalize_video and mark_video: optionally mark, write, optionally sign."""
     from ..video_io import write_mp4
@@ -50,7 +51,7 @@ def _write(
     if watermark:
         from . import watermark as wm
 
-        payload = wm.new_payload()
+        payload = wm.new_payload(video_id)
         frames = wm.embed_frames(frames, payload)
         facts["watermark"] = _watermark_facts(payload)
     if not sign:
@@ -81,15 +82,23 @@ def finalize_video(
     prompt: str | None = None,
     include_prompt: bool = False,
     identity: "SigningIdentity | None" = None,
+    video_id: str | None = None,
 ) -> dict[str, Any]:
     """Watermark uint8 RGB frames `[F, H, W, 3]`, write the MP4 atomically to `path`, sign it.
+
+    `video_id` (12 hex digits) is the watermark's 48-bit per-video id (random when None), e.g.
+    derived from the reproducible generation settings so the same settings give identical frames.
 
     Returns facts for the JSON sidecar:
     `{"watermark": {"payload": hex, "bits": 64, ...} | None, "c2pa": {"signed": True, "signer": ...} | None}`.
     The prompt goes into the manifest only with `include_prompt=True`.
     """
     args = {"model_name": model_name, "prompt": prompt, "include_prompt": include_prompt}
-    return _write(frames, Path(path), fps, watermark=watermark, sign=sign, identity=identity, manifest_args=args)
+    if video_id is not None:
+        from . import watermark as wm
+
+        wm.new_payload(video_id)  # validate before any work
+    return _write(frames, Path(path), fps, watermark=watermark, sign=sign, identity=identity, manifest_args=args, video_id=video_id)
 
 
 def mark_video(

@@ -36,6 +36,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..errors import InputError
+
 TAG = 0x4B31  # "K1": kinema watermark, layout version 1
 PAYLOAD_BITS = 64
 CRC_BITS = 16
@@ -48,6 +50,7 @@ N_INFO = PAYLOAD_BITS + CRC_BITS
 N_CODED = len(GENERATORS) * (N_INFO + K - 1)  # 264
 MIN_PSNR_DB = 41.0  # per-frame PSNR of the mark (its energy budget)
 SSIM_LOSS = 0.012  # per-frame budget of SSIM loss (estimated)
+SMALL_SSIM_LOSS = 0.014  # measured (not estimated) SSIM-loss cap for frames under 192 px
 SSIM_C1, SSIM_C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 SSIM_KAPPA = 0.2  # measured loss / proxy on flat and dark procedural clips (0.11-0.19)
 DETECTION_P = 1e-6  # p-value at or below which a watermark counts as detected
@@ -107,9 +110,19 @@ def _layout() -> _Layout:
 # ----------------------------------------------------------------------------- payload coding
 
 
-def new_payload() -> str:
-    """A fresh payload: the kinema tag followed by a random 48-bit id, as 16 hex digits."""
-    return f"{TAG:04x}{secrets.randbits(48):012x}"
+ID_HEX = (PAYLOAD_BITS - 16) // 4  # 12 hex digits of per-video id
+
+
+def new_payload(video_id: str | None = None) -> str:
+    """The payload: the kinema tag followed by the 48-bit per-video id, as 16 hex digits.
+
+    `video_id` is 12 hex digits (e.g. derived from reproducible generation settings); a random
+    id when None. Raises InputError for a malformed id."""
+    if video_id is None:
+        return f"{TAG:04x}{secrets.randbits(48):012x}"
+    if not isinstance(video_id, str) or len(video_id) != ID_HEX or any(c not in "0123456789abcdefABCDEF" for c in video_id):
+        raise InputError(f"video id must be {ID_HEX} hex digits, got {video_id!r}")
+    return f"{TAG:04x}{video_id.lower()}"
 
 
 def _crc16(data: bytes) -> int:
@@ -214,8 +227,10 @@ def _render(values: np.ndarray, height: int, width: int, period: float) -> np.nd
 
 
 def embed_scale(height: int, width: int) -> float:
-    """Tile period factor: 1 up to 720p, proportional above, so 1080p/4K downscaled to 720p match."""
-    return max(1.0, min(height, width) / 720.0)
+    """Tile period factor: 1 from 192 px to 720p, proportional above (so 1080p/4K downscaled to
+    720p match) and below (one tile spans the short side of small frames, e.g. 128x128)."""
+    short = min(height, width)
+    return max(1.0, short / 720.0) if short >= BASE_PERIOD else short / BASE_PERIOD
 
 
 @dataclass
@@ -263,10 +278,37 @@ class Embedder:
         # unless the frame is so flat or dark that the SSIM budget binds first.
         rms = float(np.sqrt(np.mean(delta * delta))) + 1e-12
         gain = (255.0 / 10 ** (self.psnr_db / 20.0)) / rms
-        gain = min(gain, math.sqrt(SSIM_LOSS / (proxy + 1e-12)))
+        small = min(self.height, self.width) < BASE_PERIOD
+        if not small:
+            gain = min(gain, math.sqrt(SSIM_LOSS / (proxy + 1e-12)))
         delta *= gain
+        if small:
+            # Small frames have small tiles, whose short wavelengths the SSIM estimate (tuned
+            # for 192-px tiles) misjudges; they are cheap to check, so measure the SSIM loss
+            # and scale the mark down if it exceeds SMALL_SSIM_LOSS (loss ~ gain^2).
+            loss = 1.0 - _ssim(luma, luma + delta)
+            if loss > SMALL_SSIM_LOSS:
+                delta *= math.sqrt(SMALL_SSIM_LOSS / loss)
         f += delta[..., None]  # equal change in R, G, B = a pure luma change
         return np.clip(np.rint(f), 0, 255).astype(np.uint8)
+
+
+def _gauss(img: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    """Separable Gaussian blur (edge replication), the usual SSIM window."""
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    p = np.pad(img, radius, mode="edge")
+    h, w = img.shape
+    tmp = sum(k[i] * p[i : i + h, :] for i in range(2 * radius + 1))
+    return sum(k[i] * tmp[:, i : i + w] for i in range(2 * radius + 1))
+
+
+def _ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean SSIM of two luma images (Gaussian window, sigma 1.5, standard constants)."""
+    mx, my = _gauss(x), _gauss(y)
+    sxx, syy, sxy = _gauss(x * x) - mx * mx, _gauss(y * y) - my * my, _gauss(x * y) - mx * my
+    s = ((2 * mx * my + SSIM_C1) * (2 * sxy + SSIM_C2)) / ((mx * mx + my * my + SSIM_C1) * (sxx + syy + SSIM_C2))
+    return float(s.mean())
 
 
 def _box(img: np.ndarray, r: int) -> np.ndarray:
