@@ -245,7 +245,8 @@ class Embedder:
 
     def __post_init__(self) -> None:
         values = _layout().values(encode_payload(self.payload))
-        period = BASE_PERIOD * embed_scale(self.height, self.width)
+        scale = embed_scale(self.height, self.width)
+        period = BASE_PERIOD * scale
         pat = _render(values, self.height, self.width, period)
         self.pattern = pat / float(np.sqrt(np.mean(pat**2)))  # unit RMS
 
@@ -593,7 +594,18 @@ def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterab
     fresh_l = [_luma(f) for f in fresh] if fresh is not None else [_luma(f) for f in frames[:3]]
     if fresh_l and len(fresh_l) < len(frames):
         views.append(np.mean(fresh_l, axis=0))
+    if len(lumas) >= 2 and min(lumas[0].shape) < BASE_PERIOD:
+        # Small frames hold few tiles, so one sharp moving object dominates the plain mean
+        # (its smeared trail); clipping each frame's detail before averaging tames it.
+        views.append(np.mean([_frame_detail(x) for x in lumas], axis=0))
     return views
+
+
+def _frame_detail(luma: np.ndarray, r: int = 4) -> np.ndarray:
+    """A frame minus its local mean, clipped at 3 median absolute values (edges of objects)."""
+    hp = luma - _box(luma, r)
+    lim = 3.0 * float(np.median(np.abs(hp))) + 1e-6
+    return np.clip(hp, -lim, lim)
 
 
 def average_luma(frames: Iterable[np.ndarray], max_frames: int = 96) -> np.ndarray:
