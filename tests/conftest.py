@@ -37,3 +37,12 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_dir(tmp_path_factory):
+    # Signing identities are created on first use in the user's config folder: keep the
+    # suite's own in a temporary folder, never in the real home.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KINEMA_CONFIG_DIR", str(tmp_path_factory.mktemp("kinema-config")))
+        yield

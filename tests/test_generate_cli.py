@@ -265,3 +265,23 @@ def test_sidecar_command_reproduces_the_video(capsys, models, image, tmp_path, m
     code, _, err = generate(capsys, *args[2:], "-o", str(tmp_path / "again.mp4"))
     assert code == 0, err
     assert len(written) == 2 and np.array_equal(written[0], written[1])
+
+
+def test_watermark_id_follows_the_frames_and_prompt_stays_private(capsys, models, tmp_path):
+    from kinema.provenance import verify_file
+
+    def run(name: str, *extra: str) -> tuple[dict, dict]:
+        out = tmp_path / name
+        code, _, err = generate(capsys, "a secret prompt", "--model", str(models["ti2v", "official"]),
+                                "--frames", "5", "--steps", "2", "--seed", "3", "-o", str(out), *extra)
+        assert code == 0, err
+        return json.loads(out.with_suffix(".json").read_text()), verify_file(out)
+
+    side, report = run("a.mp4")
+    again, _ = run("b.mp4", "--include-prompt")
+    payload = side["provenance"]["watermark"]["payload"]
+    # same seed and settings: the same frames, hence the same per-video id in the watermark
+    assert again["provenance"]["watermark"]["payload"] == payload
+    assert report["c2pa"]["soft_binding"] == payload
+    assert "prompt" not in report["c2pa"]["generation"]
+    assert verify_file(tmp_path / "b.mp4")["c2pa"]["generation"]["prompt"] == "a secret prompt"

@@ -59,6 +59,8 @@ def generate(
         False, "--no-watermark", help="Do not embed the invisible watermark in the frames."),
     no_sign: bool = typer.Option(
         False, "--no-sign", help="Do not attach signed C2PA Content Credentials to the MP4."),
+    include_prompt: bool = typer.Option(
+        False, "--include-prompt", help="Write the prompt into the signed Content Credentials."),
 ) -> None:
     """Generate a video from a prompt (and optionally a first-frame image).
 

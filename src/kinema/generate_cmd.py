@@ -108,6 +108,7 @@ def run_generate(
     dtype: Optional[str] = None,
     no_watermark: bool = False,
     no_sign: bool = False,
+    include_prompt: bool = False,
     progress: bool = True,
     **_: Any,
 ) -> Path:
@@ -128,7 +129,7 @@ def run_generate(
 
     try:
         video = _load_and_run(path, dev, dtype, settings, progress, image, request)
-        video.save(out, watermark=not no_watermark, sign=not no_sign)
+        video.save(out, watermark=not no_watermark, sign=not no_sign, include_prompt=include_prompt)
     except KeyboardInterrupt:
         import typer
 

@@ -575,12 +575,19 @@ class Video:
         """(width, height)"""
         return int(self.frames.shape[2]), int(self.frames.shape[1])
 
-    def save(self, path: str | os.PathLike, *, watermark: bool = True, sign: bool = True) -> Path:
+    def content_id(self) -> str:
+        """48-bit id (12 hex digits) of these exact frames: the watermark's per-video id."""
+        return hashlib.sha256(np.ascontiguousarray(self.frames).data).hexdigest()[:12]
+
+    def save(self, path: str | os.PathLike, *, watermark: bool = True, sign: bool = True,
+             include_prompt: bool = False) -> Path:
         """Write the MP4 (H.264, yuv420p, faststart; atomically) and its JSON sidecar.
 
         The sidecar goes next to the video with the suffix replaced by `.json`
         (`clip.mp4` -> `clip.json`) and holds everything needed to reproduce the clip.
-        Returns the video path.
+        The watermark's per-video id is derived from the frames themselves, so the same seed
+        and settings give bit-identical frames, watermark included. The prompt goes into the
+        signed credentials only with `include_prompt`. Returns the video path.
         """
         path = Path(path)
         check_output_path(path)
@@ -589,7 +596,8 @@ class Video:
         meta = self.metadata
         facts = finalize_video(
             self.frames, path, self.fps, model_name=str(meta.get("model", {}).get("name", "unknown")),
-            watermark=watermark, sign=sign, prompt=meta.get("prompt"),
+            watermark=watermark, sign=sign, prompt=meta.get("prompt"), include_prompt=include_prompt,
+            video_id=self.content_id(),
         )
         sidecar = {**meta, "file": path.name, "provenance": facts}
         try:
