@@ -233,16 +233,67 @@ def bench_robustness(kinds, attacks: dict, n_frames: int) -> dict[str, list[dict
     return out
 
 
-def bench_false_positives(n_clips: int) -> dict:
+FP_SIZES = [(720, 1280), (480, 832), (360, 640), (720, 720), (576, 1024), (128, 128), (96, 160), (160, 96)]
+SMALL_SIZES = [(128, 128), (160, 96), (96, 160), (96, 96)]
+
+
+def disc_clip(seed: int, n: int = 17, h: int = 128, w: int = 128) -> np.ndarray:
+    """What kinema's built-in model makes: a coloured disc moving over a colour gradient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    bg = _colorize(xx / w * rng.uniform(0.3, 0.9) + yy / h * rng.uniform(0.0, 0.4), rng)
+    colour, r = rng.uniform(0, 255, 3), rng.uniform(0.1, 0.3) * min(h, w)
+    (y0, x0), (y1, x1) = rng.uniform(0.2, 0.8, 2), rng.uniform(0.2, 0.8, 2)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        f = bg.copy()
+        a = t / max(n - 1, 1)
+        f[(xx - w * (x0 + (x1 - x0) * a)) ** 2 + (yy - h * (y0 + (y1 - y0) * a)) ** 2 < r * r] = colour
+        out[t] = np.clip(f, 0, 255)
+    return out
+
+
+SMALL_ATTACKS = {
+    "crf18 (as written)": lambda v: h264(v, 18, 8.0),
+    "crf23": lambda v: h264(v, 23, 8.0),
+    "crf28": lambda v: h264(v, 28, 8.0),
+    "bright+30": lambda v: h264(brightness(v, 1.3), 18, 8.0),
+    "bright-30": lambda v: h264(brightness(v, 0.7), 18, 8.0),
+}
+
+
+def bench_small(n_clips: int, n_frames: int = 17) -> dict:
+    """Small frames (the built-in model's 128x128, 17 frames at 8 fps, and other small sizes):
+    per-frame quality and detection after the attacks, on moving-disc clips and a few kinds."""
     from kinema.provenance import watermark as wm
 
-    sizes = [(720, 1280), (480, 832), (360, 640), (720, 720), (576, 1024)]
+    rows = []
+    for i in range(n_clips):
+        h, w = SMALL_SIZES[i % len(SMALL_SIZES)]
+        kind = ("disc", "disc", "gradient_shapes", "texture_pan", "pink_pan", "dark")[(i // len(SMALL_SIZES)) % 6]
+        clip = disc_clip(300 + i, n_frames, h, w) if kind == "disc" else make_clip(kind, 300 + i, n=n_frames, h=h, w=w)
+        payload = wm.new_payload()
+        marked = np.stack(list(wm.embed_frames(clip, payload)))
+        row = {"kind": kind, "size": f"{h}x{w}", "psnr": min(psnr(m, c) for m, c in zip(marked, clip)),
+               "ssim": min(ssim(m[None], c[None]) for m, c in zip(marked, clip))}
+        for name, attack in SMALL_ATTACKS.items():
+            d = wm.detect_frames(attack(marked))
+            row[name] = (d.detected and d.payload == payload, d.p_value)
+        rows.append(row)
+        print(f"small {row}", file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def bench_false_positives(n_clips: int, sizes: list | None = None) -> dict:
+    from kinema.provenance import watermark as wm
+
+    sizes = sizes or FP_SIZES
     ps, zs, fps_ = [], [], 0
     t0 = time.perf_counter()
     for i in range(n_clips):
         kind = KINDS[i % len(KINDS)]
         h, w = sizes[(i // len(KINDS)) % len(sizes)]
-        clip = make_clip(kind, 10_000 + i, n=8, h=h, w=w)
+        clip = make_clip(kind, 10_000 + i, n=8, h=h, w=w) if h >= 192 or i % 2 else disc_clip(10_000 + i, 17, h, w)
         if i % 3 == 1:
             clip = h264(clip, 23 + (i % 13))
         if i % 7 == 3:
@@ -289,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer clips (a smoke run)")
     ap.add_argument("--frames", type=int, default=24, help="frames per robustness clip")
     ap.add_argument("--fp-clips", type=int, default=200, help="unmarked clips for the false-positive test")
-    ap.add_argument("--skip", default="", help="comma list of: quality,robustness,extra,fp,speed")
+    ap.add_argument("--small-clips", type=int, default=48, help="clips for the small-frame section")
+    ap.add_argument("--fp-sizes", default="", help="comma list of HxW for the false-positive clips (default: all)")
+    ap.add_argument("--skip", default="", help="comma list of: quality,robustness,extra,small,fp,speed")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -303,8 +356,11 @@ def main(argv: list[str] | None = None) -> None:
         results["robustness"] = bench_robustness(kinds, ATTACKS, args.frames)
     if "extra" not in skip:
         results["extra"] = bench_robustness(kinds, EXTRA_ATTACKS, args.frames)
+    if "small" not in skip:
+        results["small"] = bench_small(8 if args.quick else args.small_clips)
     if "fp" not in skip:
-        results["fp"] = bench_false_positives(20 if args.quick else args.fp_clips)
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.fp_sizes.split(",") if s] or None
+        results["fp"] = bench_false_positives(20 if args.quick else args.fp_clips, sizes)
     if args.json:
         args.json.write_text(__import__("json").dumps(results, indent=2, default=float))
     print_report(results)
@@ -339,9 +395,20 @@ def print_report(results: dict) -> None:
             errs = [r["bit_errors"] for r in rows if r["bit_errors"] is not None]
             err = f"{np.mean(errs):.1f}" if errs else "-"
             print(f"| {name} | {det}/{n} | {exact}/{n} | {_fmt_p(ps[n // 2])} | {_fmt_p(ps[-1])} | {err} | {np.mean([r['s'] for r in rows]):.1f} |")
+    if "small" in results:
+        rows = results["small"]["rows"]
+        print("\n## Small frames (17 frames at 8 fps; disc = the built-in model's kind of clip)\n")
+        print("| attack | detected, exact payload | median p | worst p |")
+        print("|---|---|---|---|")
+        for name in SMALL_ATTACKS:
+            ok = sum(r[name][0] for r in rows)
+            ps = sorted(r[name][1] for r in rows)
+            print(f"| {name} | {ok}/{len(rows)} | {_fmt_p(ps[len(ps) // 2])} | {_fmt_p(ps[-1])} |")
+        fails = [f"{r['kind']} {r['size']} {name}" for r in rows for name in SMALL_ATTACKS if not r[name][0]]
+        print(f"\nper-frame quality: min PSNR {min(r['psnr'] for r in rows):.2f} dB, min SSIM {min(r['ssim'] for r in rows):.4f}; misses: {', '.join(fails) or 'none'}")
     if "fp" in results:
         f = results["fp"]
-        print("\n## False positives (unmarked clips: 10 kinds x 5 sizes, some H.264 / resized)\n")
+        print("\n## False positives (unmarked clips: 10 kinds x 8 sizes incl. small, some H.264 / resized)\n")
         print("| clips | detected | smallest p | share p < 0.01 | share p < 0.1 | largest sync z |")
         print("|---|---|---|---|---|---|")
         print(f"| {f['clips']} | {f['false_positives']} | {f['min_p']:.2g} | {f['frac_p_below_0.01']:.3f} | {f['frac_p_below_0.1']:.3f} | {f['max_sync_z']:.2f} |")

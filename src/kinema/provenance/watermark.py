@@ -5,7 +5,9 @@ Design (public detector, no secret: the point is provenance, not secrecy):
 * Payload: 64 bits = a 16-bit kinema tag + a 48-bit per-video id. A CRC-16 is appended and the
   80 bits are protected by a rate-1/3, constraint-length-9 convolutional code (264 coded bits).
 * Layout: a tile repeats over the whole frame with a period of 192 px (times `embed_scale`, so
-  that large videos look the same once downscaled to 720p). The tile is a sum of 2-D sinusoids
+  that large videos look the same once downscaled to 720p; frames under 192 px on the short
+  side get one tile spanning the short side, e.g. 128 px at 128x128: the detector's scale
+  search, already counted in the p-value, finds it like any downscale). The tile is a sum of 2-D sinusoids
   whose frequencies are whole numbers of cycles per tile with radius 2..11 (wavelengths 17-96
   px): each carries two real coefficients (cosine and sine part), ~370 in all. A fixed public
   permutation makes 264 of them the coded bits (interleaved) and the rest a known sync
@@ -15,12 +17,16 @@ Design (public detector, no secret: the point is provenance, not secrecy):
 * Strength follows a perceptual mask (stronger in textured areas, weaker in flat/dark ones),
   scaled per frame so that the frame's PSNR is `MIN_PSNR_DB`, or lower in energy when an
   estimated SSIM-loss budget (`SSIM_LOSS`, flat or dark frames) binds first.
+  Small frames (short side < 192 px) have their SSIM loss measured instead and capped at
+  `SMALL_SSIM_LOSS`.
 * Detection: average the luma of sampled frames; for each candidate scale, resample so that
   one tile spans 64 px, remove the local mean, clip outliers and fold all tiles onto one
   (cropping becomes a cyclic shift); whiten the folded spectrum ring by ring and correlate with
   the sync coefficients over every shift by FFT. Coefficients are orthogonal, so the whitened
   matched filter gives independent soft bits for a soft Viterbi decoder. The false-positive
-  probability (p-value) is honest: a Bonferroni bound over every (scale, shift) tested for the
+  probability (p-value) is honest (views of the frames - plain, motion-stabilised, first
+  frames after keyframes and, for frames under 192 px, the mean of per-frame clipped detail
+  and the mean after subtracting a motion-compensated host estimate - are Bonferroni-counted): a Bonferroni bound over every (scale, shift) tested for the
   Gaussian sync statistic (its null variance is computed, not fitted), or - when a payload with
   a valid CRC and the kinema tag is decoded - the chance (2^-32 per decoded candidate) that noise
   decodes to such a payload; the reported value is twice the smaller of the two.
@@ -573,6 +579,33 @@ def _stabilized_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
     return acc / len(lumas) if pos.any() else None
 
 
+def _host_removed_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
+    """Mean of (frame - moving host) for a global pan (None if no motion).
+
+    The host is estimated as the motion-stabilised mean (the static mark averages out there),
+    moved back into each frame and subtracted; only pixels seen by both frames count. Used for
+    small frames, where the shifts are cheap to find at full resolution."""
+    h, w = lumas[0].shape
+    pos = [np.zeros(2, np.int64)]
+    for a, b in zip(lumas[:-1], lumas[1:]):
+        pos.append(pos[-1] + np.array(_global_shift(a, b)))
+    if not any(p.any() for p in pos):
+        return None
+    pos = [p - np.min(pos, axis=0) for p in pos]  # stabilised canvas coordinates >= 0
+    ch, cw = h + int(max(p[0] for p in pos)), w + int(max(p[1] for p in pos))
+    acc, cnt = np.zeros((ch, cw)), np.zeros((ch, cw))
+    for lum, (py, px) in zip(lumas, pos):  # frame pixel (y, x) sits at canvas (y + py, x + px)
+        acc[py : py + h, px : px + w] += lum
+        cnt[py : py + h, px : px + w] += 1
+    host = acc / np.maximum(cnt, 1)
+    res, n = np.zeros((h, w)), np.zeros((h, w))
+    for lum, (py, px) in zip(lumas, pos):
+        ok = cnt[py : py + h, px : px + w] >= 2  # host seen in another frame too
+        res += np.where(ok, lum - host[py : py + h, px : px + w], 0.0)
+        n += ok
+    return (res / np.maximum(n, 1)).astype(np.float32)
+
+
 def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterable[np.ndarray] | None = None) -> list[np.ndarray]:
     """Averages of the luma of up to `max_frames` evenly spaced frames, seen three ways.
 
@@ -598,6 +631,9 @@ def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterab
         # Small frames hold few tiles, so one sharp moving object dominates the plain mean
         # (its smeared trail); clipping each frame's detail before averaging tames it.
         views.append(np.mean([_frame_detail(x) for x in lumas], axis=0))
+        removed = _host_removed_mean(lumas)
+        if removed is not None:
+            views.append(removed)
     return views
 
 
