@@ -7,8 +7,8 @@ Design (public detector, no secret: the point is provenance, not secrecy):
 * Layout: a tile repeats over the whole frame with a period of 192 px (times `embed_scale`, so
   that large videos look the same once downscaled to 720p; frames under 192 px on the short
   side get one tile spanning the short side, e.g. 128 px at 128x128: the detector's scale
-  search, already counted in the p-value, finds it like any downscale). The tile is a sum of 2-D sinusoids
-  whose frequencies are whole numbers of cycles per tile with radius 2..11 (wavelengths 17-96
+  search, already counted in the p-value, finds it like any downscale). The tile is a sum of
+  2-D sinusoids whose frequencies are whole numbers of cycles per tile with radius 2..11 (wavelengths 17-96
   px): each carries two real coefficients (cosine and sine part), ~370 in all. A fixed public
   permutation makes 264 of them the coded bits (interleaved) and the rest a known sync
   pattern; all signs are scrambled by a fixed pseudo-noise sequence. Low/mid frequencies
@@ -26,8 +26,8 @@ Design (public detector, no secret: the point is provenance, not secrecy):
   matched filter gives independent soft bits for a soft Viterbi decoder. The false-positive
   probability (p-value) is honest (views of the frames - plain, motion-stabilised, first
   frames after keyframes and, for frames under 192 px, the mean of per-frame clipped detail
-  and the mean after subtracting a motion-compensated host estimate - are Bonferroni-counted): a Bonferroni bound over every (scale, shift) tested for the
-  Gaussian sync statistic (its null variance is computed, not fitted), or - when a payload with
+  and the mean after subtracting a motion-compensated host estimate - are Bonferroni-counted):
+  a Bonferroni bound over every (scale, shift) tested for the Gaussian sync statistic (its null variance is computed, not fitted), or - when a payload with
   a valid CRC and the kinema tag is decoded - the chance (2^-32 per decoded candidate) that noise
   decodes to such a payload; the reported value is twice the smaller of the two.
 """
@@ -251,8 +251,7 @@ class Embedder:
 
     def __post_init__(self) -> None:
         values = _layout().values(encode_payload(self.payload))
-        scale = embed_scale(self.height, self.width)
-        period = BASE_PERIOD * scale
+        period = BASE_PERIOD * embed_scale(self.height, self.width)
         pat = _render(values, self.height, self.width, period)
         self.pattern = pat / float(np.sqrt(np.mean(pat**2)))  # unit RMS
 
@@ -554,10 +553,15 @@ def _luma(frame: np.ndarray) -> np.ndarray:
     return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114 if f.ndim == 3 else f
 
 
-def _global_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Integer translation d with b(x) ~ a(x - d), by phase correlation."""
-    fa = np.fft.rfft2(a - a.mean())
-    fb = np.fft.rfft2(b - b.mean())
+def _global_shift(a: np.ndarray, b: np.ndarray, taper: bool = False) -> tuple[int, int]:
+    """Integer translation d with b(x) ~ a(x - d), by phase correlation (`taper`: Hann window
+    first, so the frame borders do not pull the estimate to 0 - matters on small frames)."""
+    a, b = a - a.mean(), b - b.mean()
+    if taper:
+        win = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+        a, b = a * win, b * win
+    fa = np.fft.rfft2(a)
+    fb = np.fft.rfft2(b)
     r = fb * np.conj(fa)
     c = np.fft.irfft2(r / (np.abs(r) + 1e-9), s=a.shape)
     i = int(np.argmax(c))
@@ -588,13 +592,15 @@ def _host_removed_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
     h, w = lumas[0].shape
     pos = [np.zeros(2, np.int64)]
     for a, b in zip(lumas[:-1], lumas[1:]):
-        pos.append(pos[-1] + np.array(_global_shift(a, b)))
+        pos.append(pos[-1] - np.array(_global_shift(a, b, taper=True)))
     if not any(p.any() for p in pos):
         return None
-    pos = [p - np.min(pos, axis=0) for p in pos]  # stabilised canvas coordinates >= 0
+    # Content moving by d means the frame moved by -d over the scene: frame pixel (y, x) sits
+    # at canvas (y + py, x + px), shifted so that all canvas coordinates are >= 0.
+    pos = [p - np.min(pos, axis=0) for p in pos]
     ch, cw = h + int(max(p[0] for p in pos)), w + int(max(p[1] for p in pos))
     acc, cnt = np.zeros((ch, cw)), np.zeros((ch, cw))
-    for lum, (py, px) in zip(lumas, pos):  # frame pixel (y, x) sits at canvas (y + py, x + px)
+    for lum, (py, px) in zip(lumas, pos):
         acc[py : py + h, px : px + w] += lum
         cnt[py : py + h, px : px + w] += 1
     host = acc / np.maximum(cnt, 1)
@@ -607,7 +613,8 @@ def _host_removed_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
 
 
 def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterable[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Averages of the luma of up to `max_frames` evenly spaced frames, seen three ways.
+    """Averages of the luma of up to `max_frames` evenly spaced frames, seen three ways (five
+    for frames under 192 px: see the end).
 
     Re-encoders that drop residuals at high CRF let motion compensation carry the static mark
     along with moving content, so besides the plain mean (the mark is static) we also look at
