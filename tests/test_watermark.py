@@ -155,7 +155,7 @@ def test_small_clip_finalize_verify_and_crf28(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KINEMA_CONFIG_DIR", str(tmp_path / "config"))
     clip = _disc_clip()
-    facts = finalize_video(clip, tmp_path / "v.mp4", 8, model_name="x", sign=False, video_id="00000000beef")
+    facts = finalize_video(clip, tmp_path / "v.mp4", 8, model_name="x", video_id="00000000beef")
     payload = facts["watermark"]["payload"]
     assert payload == "4b3100000000beef"
     rep = verify_file(tmp_path / "v.mp4")["watermark"]
@@ -204,3 +204,16 @@ def test_bad_video_id_rejected(bad, tmp_path):
     with pytest.raises(InputError):
         finalize_video(_disc_clip(n=2), tmp_path / "v.mp4", 8, model_name="x", sign=False, video_id=bad)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_host_removal_cancels_a_pan():
+    # A static mark under a panning background: the host-removed mean keeps the mark only.
+    rng = np.random.default_rng(5)
+    scene = rng.normal(0, 20, (200, 200)).astype(np.float32)
+    mark = rng.normal(0, 1, (96, 96)).astype(np.float32)
+    lumas = [scene[10 + 2 * t : 106 + 2 * t, 20 + 3 * t : 116 + 3 * t] + mark for t in range(8)]
+    removed = wm._host_removed_mean(lumas)
+    assert removed is not None
+    corr = np.corrcoef(removed.ravel(), mark.ravel())[0, 1]
+    assert corr > 0.9
+    assert wm._host_removed_mean([lumas[0]] * 3) is None  # no motion: no view
