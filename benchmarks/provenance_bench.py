@@ -6,6 +6,7 @@ numpy/PIL (resize, crop, brightness, frame dropping).
 
     python benchmarks/provenance_bench.py                 # full run (several minutes on 2 cores)
     python benchmarks/provenance_bench.py --quick         # smaller sweep
+    python benchmarks/provenance_bench.py --skip speed,quality,robustness,extra,fp   # small frames only
 """
 
 from __future__ import annotations
