@@ -663,12 +663,22 @@ def average_luma(frames: Iterable[np.ndarray], max_frames: int = 96) -> np.ndarr
 def detect_frames(frames: Iterable[np.ndarray] | np.ndarray, *, fresh: Iterable[np.ndarray] | None = None, **kwargs) -> Detection:
     """Detect the watermark in frames [F, H, W, 3] (uint8 RGB) or luma frames [F, H, W].
 
-    Runs the detector on each view of `luma_views`; the p-value is Bonferroni-corrected for it."""
+    Runs the detector on each view of `luma_views`; the p-value is Bonferroni-corrected for
+    every view that could have been tested (the motion-based views are made only when the
+    frames move, a data-dependent choice, so they are always counted)."""
+    frames = list(frames)
+    fresh = None if fresh is None else list(fresh)
     views = luma_views(frames, fresh=fresh)
+    n_views = len(views)
+    if len(frames) >= 2:
+        n_fresh = min(3, len(frames)) if fresh is None else len(fresh)
+        possible = 2 + int(0 < n_fresh < len(frames))  # plain, stabilised, fresh
+        possible += 2 if min(np.shape(frames[0])[:2]) < BASE_PERIOD else 0  # detail, host-removed
+        n_views = max(n_views, possible)
     threshold = kwargs.pop("threshold", DETECTION_P)
     results = [detect_luma(v, threshold=threshold, **kwargs) for v in views]
     best = min(results, key=lambda d: (d.payload is None, d.p_value))
-    best.p_value = min(1.0, len(views) * best.p_value)
+    best.p_value = min(1.0, n_views * best.p_value)
     best.detected = best.p_value <= threshold
     best.tests = sum(d.tests for d in results)
     return best
