@@ -163,7 +163,7 @@ def sampling_defaults(recipe: Recipe) -> dict:
             "frames": recipe.frames,
             "fps": recipe.fps,
             "steps": 12,
-            "guidance": 4.0,
+            "guidance": 3.5,
             "shift": recipe.dit.shift,
             "sampler": "unipc",
             "negative_prompt": "",
