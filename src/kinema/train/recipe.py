@@ -47,7 +47,7 @@ class Recipe:
         steps=650, lr=1e-3, warmup=20, ema_decay=0.995, checkpoint_every=50, log_every=25))
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=1250, lr=6e-4, warmup=40, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=1900, lr=6e-4, warmup=40, ema_decay=0.995, checkpoint_every=50, log_every=25))
 
 
 def tiny_recipe() -> Recipe:
