@@ -64,3 +64,14 @@ def test_builtin_image_to_video_keeps_the_first_frame(pipe):
     assert err < 20
     det = analyse_video(video.frames)
     assert det.colour == spec.colour
+
+
+def test_builtin_truncates_prompts_longer_than_its_text_length():
+    import kinema
+
+    pipe = kinema.load()
+    text_len = pipe.spec.dit.text_len
+    long_prompt = " ".join(["a red circle moving left"] * 200)  # far more than text_len tokens
+    video = pipe.generate(long_prompt, frames=5, steps=1, seed=0)
+    assert pipe.spec.t5.text_len == text_len < 512
+    assert video.frames.shape[0] == 5

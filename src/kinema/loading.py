@@ -592,6 +592,8 @@ def infer_spec(comps: Mapping[str, ComponentInfo], model_index: Mapping[str, Any
                 f"vs {comps['transformer_2'].files[0].parent}"
             )
     t5 = infer_t5_config(comps["text_encoder"])
+    # The DiT pads/truncates text to its own text_len: longer prompts are cut by the tokenizer.
+    t5 = replace(t5, text_len=min(t5.text_len, dit.text_len))
     if t5.dim != dit.text_dim:
         raise CheckpointError(
             f"text encoder width {t5.dim} ({comps['text_encoder'].files[0]}) does not match the DiT "
