@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kinema.provenance.watermark import _gauss  # the SSIM window, shared with the embedder
+
 # --------------------------------------------------------------------------- procedural clips
 
 
@@ -162,16 +164,6 @@ EXTRA_ATTACKS = {  # not in the issue's list: generality checks
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 10 * math.log10(255**2 / max(mse, 1e-12))
-
-
-def _gauss(img: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
-    """Separable Gaussian blur (11 taps, edge replication)."""
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(np.float32)
-    p = np.pad(img, radius, mode="edge")
-    h, w = img.shape
-    tmp = sum(k[i] * p[i : i + h, :] for i in range(2 * radius + 1))
-    return sum(k[i] * tmp[:, i : i + w] for i in range(2 * radius + 1))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

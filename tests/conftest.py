@@ -46,3 +46,13 @@ def _private_config_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KINEMA_CONFIG_DIR", str(tmp_path_factory.mktemp("kinema-config")))
         yield
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty kinema config folder (signing identity) and no user-supplied identity."""
+    d = tmp_path / "config"
+    monkeypatch.setenv("KINEMA_CONFIG_DIR", str(d))
+    for var in ("KINEMA_C2PA_CERT", "KINEMA_C2PA_KEY", "KINEMA_TRUST_ANCHORS"):
+        monkeypatch.delenv(var, raising=False)
+    return d

@@ -14,15 +14,6 @@ from kinema.video_io import write_mp4
 
 
 @pytest.fixture
-def config(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "config"
-    monkeypatch.setenv("KINEMA_CONFIG_DIR", str(d))
-    for var in ("KINEMA_C2PA_CERT", "KINEMA_C2PA_KEY", "KINEMA_TRUST_ANCHORS"):
-        monkeypatch.delenv(var, raising=False)
-    return d
-
-
-@pytest.fixture
 def video(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     return write_mp4(rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8), tmp_path / "plain.mp4", 8)

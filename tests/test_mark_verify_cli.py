@@ -14,12 +14,8 @@ from kinema.video_io import read_video, write_mp4
 
 
 @pytest.fixture(autouse=True)
-def config(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "config"
-    monkeypatch.setenv("KINEMA_CONFIG_DIR", str(d))
-    for var in ("KINEMA_C2PA_CERT", "KINEMA_C2PA_KEY", "KINEMA_TRUST_ANCHORS"):
-        monkeypatch.delenv(var, raising=False)
-    return d
+def _own_config(config) -> Path:
+    return config
 
 
 def _clip(seed: int, n: int = 8, h: int = 288, w: int = 384) -> np.ndarray:

@@ -349,21 +349,29 @@ class WanVAE(nn.Module):
         if h == 0 or w == 0 or h % s or w % s:
             raise InputError(f"VAE encode needs height and width multiples of {s}, got {h}x{w}")
 
+    def encode_moments(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log_var) [B, z, 1+(T-1)/4, H/s, W/s] before normalization, in the module dtype.
+
+        Differentiable (training goes through it); `encode` is the inference wrapper.
+        """
+        self._check_video(video)
+        x = video.to(device=self.device, dtype=self.dtype)
+        if self.cfg.patch_size > 1:
+            x = patchify(x, self.cfg.patch_size)
+        cache = CausalCache()
+        # chunks [0:1], [1:5], [5:9], ...: each yields one latent frame
+        bounds = [0, *range(1, x.shape[2] + 1, ENCODE_CHUNK)]
+        outs = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            cache.begin_chunk()
+            outs.append(self.encoder(x[:, :, lo:hi], cache))
+        h = self.conv1(torch.cat(outs, dim=2))
+        return h[:, : self.cfg.z_dim], h[:, self.cfg.z_dim:]
+
     def encode(self, video: Tensor) -> Tensor:
         """Video [B, 3, T, H, W] in [-1, 1] -> normalized mean latent [B, z, 1+(T-1)/4, H/s, W/s]."""
-        self._check_video(video)
         with torch.no_grad():
-            x = video.to(device=self.device, dtype=self.dtype)
-            if self.cfg.patch_size > 1:
-                x = patchify(x, self.cfg.patch_size)
-            cache = CausalCache()
-            # chunks [0:1], [1:5], [5:9], ...: each yields one latent frame
-            bounds = [0, *range(1, x.shape[2] + 1, ENCODE_CHUNK)]
-            outs = []
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                cache.begin_chunk()
-                outs.append(self.encoder(x[:, :, lo:hi], cache))
-            mu = self.conv1(torch.cat(outs, dim=2))[:, : self.cfg.z_dim].float()
+            mu = self.encode_moments(video)[0].float()
             mean, inv_std = self._scale(mu.device)
             return (mu - mean) * inv_std
 
@@ -374,21 +382,32 @@ class WanVAE(nn.Module):
             raise InputError(f"VAE decode expects a latent [B, {self.cfg.z_dim}, T, H, W], got {tuple(z.shape)}")
         return self._decode_iter(z, clamp)
 
+    def decode_raw_chunks(self, z_raw: Tensor) -> Iterator[Tensor]:
+        """Un-normalized latent -> unclamped float32 video pieces, one latent frame at a time.
+
+        Differentiable (training goes through it); `decode_chunks` is the inference wrapper.
+        """
+        x = self.conv2(z_raw.to(device=self.device, dtype=self.dtype))
+        cache = CausalCache()
+        for i in range(x.shape[2]):
+            cache.begin_chunk()
+            out = self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
+            if self.cfg.patch_size > 1:
+                out = unpatchify(out, self.cfg.patch_size)
+            yield out.float()
+
     def _decode_iter(self, z: Tensor, clamp: bool) -> Iterator[Tensor]:
         with torch.no_grad():
             z = z.to(device=self.device, dtype=torch.float32)
             mean, inv_std = self._scale(z.device)
             # official denormalization: divide by the stored reciprocal, then add the mean
-            x = self.conv2((z / inv_std + mean).to(self.dtype))
-        cache = CausalCache()
-        for i in range(x.shape[2]):
+            chunks = self.decode_raw_chunks(z / inv_std + mean)
+        while True:
             # no_grad per chunk only: grad mode must not leak to the caller across yields
             with torch.no_grad():
-                cache.begin_chunk()
-                out = self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
-                if self.cfg.patch_size > 1:
-                    out = unpatchify(out, self.cfg.patch_size)
-                out = out.float()
+                out = next(chunks, None)
+                if out is None:
+                    return
                 if clamp:
                     out = out.clamp_(-1.0, 1.0)
             yield out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
-from ..models.vae import ENCODE_CHUNK, CausalCache, WanVAE, patchify, unpatchify
+from ..models.vae import WanVAE
 from .data import make_clip, train_combos
 
 
@@ -44,33 +44,13 @@ class VAETrainSpec:
 
 
 def encode_raw(vae: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
-    """(mu, log_var) [B, z, T', h, w] before normalization; same chunking as `WanVAE.encode`."""
-    x = video.to(vae.dtype)
-    if vae.cfg.patch_size > 1:
-        x = patchify(x, vae.cfg.patch_size)
-    cache = CausalCache()
-    bounds = [0, *range(1, x.shape[2] + 1, ENCODE_CHUNK)]
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        cache.begin_chunk()
-        outs.append(vae.encoder(x[:, :, lo:hi], cache))
-    h = vae.conv1(torch.cat(outs, dim=2))
-    z = vae.cfg.z_dim
-    return h[:, :z], h[:, z:]
+    """(mu, log_var) before normalization: the very chunked path of `WanVAE.encode`, with grads."""
+    return vae.encode_moments(video)
 
 
 def decode_raw(vae: WanVAE, z_raw: Tensor) -> Tensor:
-    """Un-normalized latent -> unclamped video; same schedule as `WanVAE.decode`."""
-    x = vae.conv2(z_raw.to(vae.dtype))
-    cache = CausalCache()
-    outs = []
-    for i in range(x.shape[2]):
-        cache.begin_chunk()
-        out = vae.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
-        if vae.cfg.patch_size > 1:
-            out = unpatchify(out, vae.cfg.patch_size)
-        outs.append(out.float())
-    return torch.cat(outs, dim=2)
+    """Un-normalized latent -> unclamped video: the very chunked path of `WanVAE.decode`, with grads."""
+    return torch.cat(list(vae.decode_raw_chunks(z_raw)), dim=2)
 
 
 def init_for_training(vae: WanVAE) -> WanVAE:
