@@ -128,9 +128,11 @@ def mark_video(
     return facts
 
 
-def _read_luma(path: Path, max_frames: int = 96, fresh_per_key: int = 3, max_fresh: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Decode a video's luma: every k-th frame (about `max_frames`), and the first frames after
-    each keyframe (where a re-encoder rebuilt the picture)."""
+def _read_luma(path: Path, max_frames: int = 96, fresh_per_key: int = 1, max_fresh: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Decode a video's luma: every k-th frame (about `max_frames`), and the keyframes (where a
+    re-encoder rebuilt the picture; the frames after them already carry motion-compensated
+    copies, which at high CRF blur the mark: measured on a zooming checkerboard at CRF 35,
+    the keyframe alone decodes 3/3 payloads, the keyframe + 2 next frames 1/3)."""
     import av
 
     if not path.is_file():

@@ -24,9 +24,9 @@ Design (public detector, no secret: the point is provenance, not secrecy):
   (cropping becomes a cyclic shift); whiten the folded spectrum ring by ring and correlate with
   the sync coefficients over every shift by FFT. Coefficients are orthogonal, so the whitened
   matched filter gives independent soft bits for a soft Viterbi decoder. The false-positive
-  probability (p-value) is honest (views of the frames - plain, motion-stabilised, first
-  frames after keyframes and, for frames under 192 px, the mean of per-frame clipped detail
-  and the mean after subtracting a motion-compensated host estimate - are Bonferroni-counted):
+  probability (p-value) is honest (views of the frames - plain, motion-stabilised, the mean
+  after subtracting a motion-compensated host estimate, first frames after keyframes and, for
+  frames under 192 px, the mean of per-frame clipped detail - are Bonferroni-counted):
   a Bonferroni bound over every (scale, shift) tested for the Gaussian sync statistic (its null variance is computed, not fitted), or - when a payload with
   a valid CRC and the kinema tag is decoded - the chance (2^-32 per decoded candidate) that noise
   decodes to such a payload; the reported value is twice the smaller of the two.
@@ -587,8 +587,9 @@ def _host_removed_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
     """Mean of (frame - moving host) for a global pan (None if no motion).
 
     The host is estimated as the motion-stabilised mean (the static mark averages out there),
-    moved back into each frame and subtracted; only pixels seen by both frames count. Used for
-    small frames, where the shifts are cheap to find at full resolution."""
+    moved back into each frame and subtracted; only pixels seen by two frames or more count.
+    Shifts are found at full resolution: a one-pixel error leaves edges of a high-contrast
+    host behind."""
     h, w = lumas[0].shape
     pos = [np.zeros(2, np.int64)]
     for a, b in zip(lumas[:-1], lumas[1:]):
@@ -613,13 +614,13 @@ def _host_removed_mean(lumas: list[np.ndarray]) -> np.ndarray | None:
 
 
 def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterable[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Averages of the luma of up to `max_frames` evenly spaced frames, seen three ways (five
+    """Averages of the luma of up to `max_frames` evenly spaced frames, seen four ways (five
     for frames under 192 px: see the end).
 
     Re-encoders that drop residuals at high CRF let motion compensation carry the static mark
     along with moving content, so besides the plain mean (the mark is static) we also look at
     a mean stabilised against global motion (camera pans) and at the frames right after
-    keyframes (`fresh`; default the first three frames), where the encoder rebuilt the picture
+    keyframes (`fresh`; default the first frame), where the encoder rebuilt the picture
     and the mark is still in place."""
     frames = list(frames)
     if not frames:
@@ -631,17 +632,34 @@ def luma_views(frames: Iterable[np.ndarray], max_frames: int = 96, fresh: Iterab
         stab = _stabilized_mean(lumas)
         if stab is not None:
             views.append(stab)
-    fresh_l = [_luma(f) for f in fresh] if fresh is not None else [_luma(f) for f in frames[:3]]
+    fresh_l = [_luma(f) for f in fresh] if fresh is not None else [_luma(frames[0])]
     if fresh_l and len(fresh_l) < len(frames):
         views.append(np.mean(fresh_l, axis=0))
     if len(lumas) >= 2 and min(lumas[0].shape) < BASE_PERIOD:
         # Small frames hold few tiles, so one sharp moving object dominates the plain mean
         # (its smeared trail); clipping each frame's detail before averaging tames it.
         views.append(np.mean([_frame_detail(x) for x in lumas], axis=0))
-        removed = _host_removed_mean(lumas)
+    if len(lumas) >= 2:
+        # A strong texture panning over the whole frame survives every plain average, and at
+        # high CRF the encoder drags the mark along with it; subtracting the moving host
+        # leaves the mark of the frames the encoder refreshed (keyframes, intra blocks).
+        removed = _host_removed_mean(_at_most(lumas, HOST_MAX_SIDE))
         if removed is not None:
             views.append(removed)
     return views
+
+
+HOST_MAX_SIDE = 720  # short side the host-removed view is computed at (cost grows with area)
+
+
+def _at_most(lumas: list[np.ndarray], short: int) -> list[np.ndarray]:
+    """The frames downscaled so that their short side is at most `short` (the detector's
+    scale search finds the mark at any scale)."""
+    h, w = lumas[0].shape
+    if min(h, w) <= short:
+        return lumas
+    f = short / min(h, w)
+    return [_resize_to(x, round(h * f), round(w * f)) for x in lumas]
 
 
 def _frame_detail(luma: np.ndarray, r: int = 4) -> np.ndarray:
@@ -671,13 +689,17 @@ def detect_frames(frames: Iterable[np.ndarray] | np.ndarray, *, fresh: Iterable[
     views = luma_views(frames, fresh=fresh)
     n_views = len(views)
     if len(frames) >= 2:
-        n_fresh = min(3, len(frames)) if fresh is None else len(fresh)
-        possible = 2 + int(0 < n_fresh < len(frames))  # plain, stabilised, fresh
-        possible += 2 if min(np.shape(frames[0])[:2]) < BASE_PERIOD else 0  # detail, host-removed
+        n_fresh = 1 if fresh is None else len(fresh)
+        possible = 3 + int(0 < n_fresh < len(frames))  # plain, stabilised, host-removed, fresh
+        possible += 1 if min(np.shape(frames[0])[:2]) < BASE_PERIOD else 0  # detail
         n_views = max(n_views, possible)
     threshold = kwargs.pop("threshold", DETECTION_P)
     results = [detect_luma(v, threshold=threshold, **kwargs) for v in views]
-    best = min(results, key=lambda d: (d.payload is None, d.p_value))
+    # The first view (in `luma_views` order: least processed first) that decodes a payload
+    # wins, so the reported scale/shift come from the plainest view that holds the mark;
+    # with no payload anywhere, the smallest p-value.
+    decoded = [d for d in results if d.payload is not None]
+    best = decoded[0] if decoded else min(results, key=lambda d: d.p_value)
     best.p_value = min(1.0, n_views * best.p_value)
     best.detected = best.p_value <= threshold
     best.tests = sum(d.tests for d in results)
