@@ -100,6 +100,16 @@ def test_vae_training_path_equals_inference():
     assert vae.encoder.conv1.weight.grad.abs().sum() > 0
 
 
+def test_vae_batches_switch_from_crops_to_whole_frames():
+    from kinema.train.vae_train import VAETrainSpec, vae_batch
+
+    spec = VAETrainSpec(batch=3, frames=5, crop=32, full_from=2, full_batch=1)
+    early, late = vae_batch(spec, 0, 1), vae_batch(spec, 0, 2)
+    assert early.shape == (3, 3, 5, 32, 32)
+    assert late.shape == (1, 3, 5, 128, 128)
+    assert vae_batch(replace(spec, full_from=None), 0, 50).shape == (3, 3, 5, 32, 32)
+
+
 def test_fold_latent_stats_normalizes_and_keeps_reconstruction():
     vae = _tiny_vae()
     video = torch.rand(2, 3, 5, 32, 32) * 2 - 1

@@ -113,10 +113,11 @@ def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = N
     kinds = [b for b in BACKGROUNDS if not (colour == "white" and b == "light")]
     background = kinds[int(rng.integers(0, len(kinds)))]
     speed = SPEEDS[int(rng.choice(3, p=[0.2, 0.6, 0.2]))]
-    distance = {"slow": (0.22, 0.3), "normal": (0.36, 0.48), "fast": (0.55, 0.62)}[speed]
+    distance = {"slow": (0.2, 0.26), "normal": (0.3, 0.4), "fast": (0.42, 0.48)}[speed]
     dist = float(rng.uniform(*distance))
-    radius = float(rng.uniform(11.0, 17.0))
-    margin = (radius + 3.0) / 128.0
+    # large objects: at 16 pixels per latent cell a shape needs 2-3 cells to keep its outline
+    radius = float(rng.uniform(16.0, 23.0))
+    margin = (1.3 * radius + 2.0) / 128.0  # the triangle reaches 1.35 r above its centre
     dx, dy = DIRECTION_VECTORS[direction]
     # along the motion axis the whole path must stay inside the frame
     lo, hi = margin, 1.0 - margin - dist

@@ -25,7 +25,7 @@ from ..config import DiTConfig, T5Config
 class DiTTrainSpec:
     dim: int = 256
     ffn_dim: int = 1024
-    num_heads: int = 2
+    num_heads: int = 4  # head dim 64: more attention patterns for the same compute
     num_layers: int = 4
     text_len: int = 128
     t5_dim: int = 128

@@ -1,10 +1,12 @@
 """The whole recipe of the built-in model, step by step, in one work folder:
 
 1. tokenizer: a sentencepiece unigram model trained on the caption corpus (umT5 layout)
-2. vae: the small Wan2.2-style VAE (reconstruction + KL), then latent statistics folded in
+2. vae: the small Wan2.2-style VAE (reconstruction on small crops, then on whole frames),
+   then latent statistics folded in
 3. latents: a fixed set of procedural clips encoded once with the trained VAE
-3b. decoder: the decoder fine-tuned on the frozen encoder's latents (independent of 4, so
-   both can run at the same time in two processes: `--steps decoder` and `--steps dit`)
+3b. decoder: the decoder fine-tuned on whole clips from the frozen encoder's latents
+   (independent of 4, so both can run at the same time in two processes: `--steps decoder`
+   and `--steps dit`)
 4. dit: the ti2v DiT and the umT5-style text encoder, trained jointly with flow matching
 5. export: fp16 weights in the official folder layout (+ kinema.json sampling defaults)
 
@@ -40,21 +42,21 @@ class Recipe:
     corpus_size: int = 20000  # paraphrases the tokenizer is trained on
     vae: VAETrainSpec = field(default_factory=VAETrainSpec)
     vae_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=1100, lr=2e-3, warmup=50, ema_decay=0.995, checkpoint_every=50, log_every=25))
-    num_clips: int = 1000
+        steps=1500, lr=1e-3, warmup=100, ema_decay=0.995, checkpoint_every=50, log_every=25))
+    num_clips: int = 2000
     decoder: DecoderTuneSpec = field(default_factory=DecoderTuneSpec)
     decoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=650, lr=1e-3, warmup=20, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=400, lr=5e-4, warmup=20, ema_decay=0.99, checkpoint_every=25, log_every=25))
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=1900, lr=6e-4, warmup=40, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=2600, lr=1e-3, warmup=100, ema_decay=0.995, checkpoint_every=50, log_every=25))
 
 
 def tiny_recipe() -> Recipe:
     """A minutes-scale configuration for tests and smoke runs."""
     return Recipe(
         size=64, frames=9, vocab_size=200, corpus_size=1500,
-        vae=VAETrainSpec(dim=4, dec_dim=4, batch=1, frames=5, crop=32),
+        vae=VAETrainSpec(dim=4, dec_dim=4, batch=1, frames=5, crop=32, full_from=2),
         vae_optim=OptimConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1),
         num_clips=8,
         decoder=DecoderTuneSpec(batch=1, latent_crop=1),

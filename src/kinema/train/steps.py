@@ -44,7 +44,7 @@ def train_vae(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
         log("vae exists, skipped")
         return final
     torch.manual_seed(recipe.seed)
-    vae = WanVAE(recipe.vae.vae_config())
+    vae = init_for_training(WanVAE(recipe.vae.vae_config()))
     log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
     trainer = Trainer(vae, make_vae_loss_fn(vae, recipe.vae, recipe.seed), recipe.vae_optim,
                       checkpoint=work / "vae_ckpt.pt", name="vae", log=log)
@@ -214,6 +214,9 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     if final.is_file():
         log("tuned decoder exists, skipped")
         return final
+    if recipe.decoder_optim.steps == 0:
+        log("decoder: 0 steps in this recipe, skipped (export uses vae.pt)")
+        return _vae_path(work)
     vae = load_trained_vae(work, recipe)
     vae.requires_grad_(False)
     vae.conv2.requires_grad_(True)

@@ -33,7 +33,12 @@ class VAETrainSpec:
     z_dim: int = 48
     batch: int = 8
     frames: int = 9  # 1 + 4 + 4: covers the first-chunk rules and the steady state
-    crop: int = 32  # small crops: many cheap steps (the VAE is convolutional)
+    crop: int = 32  # small crops: many cheap steps early on
+    # From this step on, whole frames (`full_batch` clips a step): a VAE trained only on small
+    # crops learns to lean on the nearby zero padding and fills the interior of a full frame
+    # with garbage (measured at step 800: grid-like artifacts over every background).
+    full_from: int | None = 900
+    full_batch: int = 1
     latent_noise: float = 0.1  # std of the noise added to the mean latent while training
     l2_weight: float = 1e-3  # keeps the latent scale in check (so the noise stays meaningful)
     fg_weight: float = 4.0  # extra weight on pixels that differ from the frame's median (the object)
@@ -79,13 +84,15 @@ def clips_to_tensor(clips: list[np.ndarray]) -> Tensor:
 def vae_batch(spec: VAETrainSpec, seed: int, step: int) -> Tensor:
     """Training batch of `step`: random windows of procedural clips, cropped around the object."""
     rng = np.random.default_rng([seed, 7, step])
+    full = spec.full_from is not None and step >= spec.full_from
+    batch = spec.full_batch if full else spec.batch
     clips = []
-    for j in range(spec.batch):
+    for j in range(batch):
         video, _, clip = make_clip(seed + 1000, step * spec.batch + j, combos=train_combos())
         t0 = int(rng.integers(0, video.shape[0] - spec.frames + 1))
         video = video[t0:t0 + spec.frames]
         size = video.shape[1]
-        c = spec.crop
+        c = size if full else spec.crop
         if c < size:
             if rng.random() < 0.8:  # usually keep the object inside the crop
                 f = (t0 + spec.frames / 2) / 16.0
@@ -162,9 +169,9 @@ class DecoderTuneSpec:
     """Decoder fine-tuning on the stored latents of whole clips (the DiT trains on the same
     frozen encoder's latents), so every latent frame position of inference is trained."""
 
-    batch: int = 2
+    batch: int = 1
     latent_crop: int = 4  # latent cells per side of a training crop (x16 pixels)
-    full_frame_prob: float = 0.25
+    full_frame_prob: float = 1.0  # whole frames: crops teach the decoder border habits
     latent_noise: float = 0.1  # in normalized latent units: tolerance to the DiT's errors
     fg_weight: float = 4.0
 
