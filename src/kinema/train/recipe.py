@@ -49,7 +49,7 @@ class Recipe:
         steps=400, lr=5e-4, warmup=20, ema_decay=0.99, checkpoint_every=25, log_every=25))
     dit: DiTTrainSpec = field(default_factory=DiTTrainSpec)
     dit_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=2600, lr=1e-3, warmup=100, ema_decay=0.995, checkpoint_every=50, log_every=25))
+        steps=4200, lr=1e-3, warmup=100, ema_decay=0.995, checkpoint_every=50, log_every=25))
 
 
 def tiny_recipe() -> Recipe:
