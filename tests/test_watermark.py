@@ -217,3 +217,23 @@ def test_host_removal_cancels_a_pan():
     corr = np.corrcoef(removed.ravel(), mark.ravel())[0, 1]
     assert corr > 0.9
     assert wm._host_removed_mean([lumas[0]] * 3) is None  # no motion: no view
+
+
+def test_large_frames_get_a_host_removed_view():
+    # 288x384 (over 192 px): a panning texture gets the host-removed view too; with the host
+    # gone, what is left is tiny next to the texture itself.
+    clip = _clip(4, n=6)
+    views = wm.luma_views(clip)
+    plain = views[0]
+    assert min(float(np.std(v)) for v in views[1:]) < 0.2 * float(np.std(plain))
+    assert len(wm.luma_views(np.repeat(clip[:1], 6, axis=0))) == 2  # static: plain + first frame
+
+
+def test_verify_reads_only_keyframes_as_fresh(tmp_path):
+    from kinema.provenance import _read_luma
+    from kinema.video_io import write_mp4
+
+    write_mp4(_clip(6, n=12, h=96, w=128), tmp_path / "v.mp4", 8, crf=18)
+    sampled, fresh = _read_luma(tmp_path / "v.mp4")
+    assert len(sampled) == 12
+    assert len(fresh) == 1  # one keyframe in a 12-frame clip: the keyframe alone

@@ -214,9 +214,6 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     if final.is_file():
         log("tuned decoder exists, skipped")
         return final
-    if recipe.decoder_optim.steps == 0:
-        log("decoder: 0 steps in this recipe, skipped (export uses vae.pt)")
-        return _vae_path(work)
     vae = load_trained_vae(work, recipe)
     vae.requires_grad_(False)
     vae.conv2.requires_grad_(True)

@@ -110,18 +110,22 @@ def vae_batch(spec: VAETrainSpec, seed: int, step: int) -> Tensor:
     return clips_to_tensor(clips)
 
 
+def weighted_recon_loss(recon: Tensor, video: Tensor, fg_weight: float) -> Tensor:
+    """L1 + L2 of [B, 3, T, H, W] videos; object pixels are few, so pixels far from the frame's
+    median colour weigh `1 + fg_weight`."""
+    median = video.flatten(3).median(dim=3).values[..., None, None]
+    weight = 1.0 + fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
+    err = recon - video
+    return (weight * (err.abs() + err.square())).mean()
+
+
 def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     # Inference only ever uses the mean latent, so train on it directly (a sampled posterior
     # with a learned variance starts out as pure noise and slows learning down a lot); a little
     # fixed noise keeps the decoder tolerant of the DiT's imperfect latents.
     mu, _ = encode_raw(vae, video)
     z = mu + spec.latent_noise * torch.randn(mu.shape, generator=gen)
-    recon = decode_raw(vae, z)
-    # object pixels are few: weight pixels far from the frame's median colour more
-    median = video.flatten(3).median(dim=3).values[..., None, None]
-    weight = 1.0 + spec.fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
-    err = recon - video
-    rec = (weight * (err.abs() + err.square())).mean()
+    rec = weighted_recon_loss(decode_raw(vae, z), video, spec.fg_weight)
     l2 = mu.square().mean()
     loss = rec + spec.l2_weight * l2
     return loss, {"rec": float(rec.detach()), "l2": float(l2.detach())}
@@ -206,10 +210,5 @@ def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, latents: Tensor, se
     def loss_fn(step: int, gen: torch.Generator):
         z, video = decoder_batch(spec, latents, seed, clip_seed, step, size, frames, vae.cfg.spatial_stride)
         z = z + spec.latent_noise * torch.randn(z.shape, generator=gen)
-        recon = decode_normalized(vae, z)
-        median = video.flatten(3).median(dim=3).values[..., None, None]
-        weight = 1.0 + spec.fg_weight * ((video - median).abs().amax(dim=1, keepdim=True) > 0.15).float()
-        err = recon - video
-        loss = (weight * (err.abs() + err.square())).mean()
-        return loss, {}
+        return weighted_recon_loss(decode_normalized(vae, z), video, spec.fg_weight), {}
     return loss_fn
