@@ -75,3 +75,19 @@ def test_builtin_truncates_prompts_longer_than_its_text_length():
     video = pipe.generate(long_prompt, frames=5, steps=1, seed=0)
     assert pipe.spec.t5.text_len == text_len < 512
     assert video.frames.shape[0] == 5
+
+
+def test_eval_scores_text_and_image_to_video(tmp_path):
+    from kinema.evaluate import first_frame, run_eval
+
+    combo = HELD_OUT[0]
+    frame = first_frame(combo, 0)
+    assert frame.shape == (128, 128, 3)
+    still = analyse_video(np.stack([frame] * 3))  # the image shows the combination's object
+    assert (still.colour, still.shape) == combo[:2]
+    report = run_eval(None, seeds=1, prompts=[combo], cli_runs=0, out=tmp_path / "r.json", log=lambda m: None)
+    assert report["videos"] == 1
+    assert set(report["accuracy"]) == set(report["accuracy_i2v"]) == {"colour", "shape", "direction"}
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["t2v", "i2v"]
+    assert all(r["want_colour"] == combo[0] for r in rows)

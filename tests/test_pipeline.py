@@ -332,6 +332,35 @@ def test_api_guidance_one_needs_no_negative_prompt(ti2v_pipe, monkeypatch):
     assert seen == [["a red fox"]]
 
 
+def test_image_first_is_text_to_image_then_image_to_video(ti2v_pipe):
+    kw = dict(steps=2, size=(64, 64), seed=3)
+    seen = []
+    two = ti2v_pipe.generate("a red fox", frames=9, image_first=True, callback=seen.append, **kw)
+    assert [s.step for s in seen] == [1, 2, 1, 2]  # two passes of the same loop
+    assert two.metadata["task"] == "text-to-video (image first)"
+    assert "--image-first" in two.metadata["command"]  # not the tiny model's default
+    # pass 1 is exactly the one-frame video of this seed (the causal VAE decodes frame 0 alone)
+    still = ti2v_pipe.generate("a red fox", frames=1, **kw)
+    assert np.abs(two.frames[0].astype(int) - still.frames[0]).max() <= 1
+    # pass 2 is image-to-video from that latent: it differs from joint sampling
+    joint = ti2v_pipe.generate("a red fox", frames=9, image_first=False, **kw)
+    assert joint.metadata["task"] == "text-to-video"
+    assert not np.array_equal(joint.frames, two.frames)
+    again = ti2v_pipe.generate("a red fox", frames=9, image_first=True, **kw)
+    assert np.array_equal(again.frames, two.frames)
+
+
+def test_image_first_settings():
+    ti2v, t2v = PRESETS["ti2v-5B"], PRESETS["t2v-A14B"]
+    assert not pl.resolve_settings(ti2v, "x", frames=81).image_first  # the official default
+    assert pl.resolve_settings(ti2v, "x", frames=81, image_first=True).image_first
+    assert not pl.resolve_settings(ti2v, "x", frames=1, image_first=True).image_first  # one frame: one pass
+    with pytest.raises(InputError, match="image_first needs a TI2V model"):
+        pl.resolve_settings(t2v, "x", image_first=True)
+    with pytest.raises(InputError, match="true or false"):
+        pl.resolve_settings(ti2v, "x", image_first="yes")
+
+
 def test_load_builtin_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(pl, "BUILTIN_DIR", tmp_path / "nope")
     with pytest.raises(KinemaError, match="built-in model is not available"):

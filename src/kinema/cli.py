@@ -46,6 +46,9 @@ def generate(
         "also take LOW,HIGH (low-noise, high-noise expert) (default: the model's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift (default: the model's)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc (default), dpm++ or euler."),
+    image_first: Optional[bool] = typer.Option(
+        None, "--image-first/--joint", help="TI2V text-to-video: make the first frame from the text, then "
+        "animate it (two passes), or all frames at once (default: the model's; the built-in model: image first)."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="What to steer away from (default: the model's negative prompt)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same video "
@@ -93,11 +96,15 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report (JSON) here."),
     videos: Optional[Path] = typer.Option(None, "--videos", help="Also save the generated MP4s here."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
+    i2v: bool = typer.Option(True, "--i2v/--no-i2v", help="Also score image-to-video from a first frame."),
+    cli_runs: int = typer.Option(3, "--cli-runs", help="Timed `kinema generate` processes (0: none)."),
 ) -> None:
     """Score colour/shape/direction accuracy on the held-out prompts of the built-in model."""
     from .evaluate import run_eval
 
-    run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps)
+    run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps, guidance=guidance, i2v=i2v,
+             cli_runs=cli_runs)
 
 
 @app.command()

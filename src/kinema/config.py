@@ -133,6 +133,9 @@ class SamplingDefaults:
     boundary: float | None = None
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     supported_sizes: tuple[tuple[int, int], ...] = ()
+    # TI2V models: make text-to-video in two passes of the same loop, an image (latent frame 0)
+    # from the text first, then image-to-video from it (factorized generation, as in Emu Video).
+    image_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,14 @@ def score(rows: list[dict]) -> dict[str, float]:
     return {k: sum(r[k] == r[f"want_{k}"] for r in rows) / n for k in ("colour", "shape", "direction")}
 
 
+def first_frame(combo: tuple[str, str, str], seed: int, size: int = 128, frames: int = 17) -> np.ndarray:
+    """The first frame of a procedural clip of `combo` (image-to-video input), uint8 [H, W, 3].
+    Its clip seeds are disjoint from the training clips' (dataset seeds 1000-3999)."""
+    from .train.data import all_combos, make_clip
+
+    return make_clip(90_000 + seed, all_combos().index(combo), size, frames, combos=[combo])[0][0]
+
+
 def time_cli(model: Path | None, prompts: list[tuple[str, str, str]], runs: int) -> list[float]:
     """Wall-clock seconds of complete `kinema generate` processes (startup, load, sample, MP4)."""
     import subprocess
@@ -172,44 +180,57 @@ def time_cli(model: Path | None, prompts: list[tuple[str, str, str]], runs: int)
 
 def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None, videos: Path | None = None,
              steps: int | None = None, prompts: list[tuple[str, str, str]] | None = None,
-             cli_runs: int = 3, log=print) -> dict:
-    """Generate every held-out prompt with `seeds` seeds and score the videos."""
+             cli_runs: int = 3, log=print, i2v: bool = True, guidance: float | None = None) -> dict:
+    """Generate every held-out prompt with `seeds` seeds and score the videos; with `i2v`, also
+    start each prompt from the first frame of a procedural clip of the same combination and
+    score where the video takes it."""
     from .pipeline import load
     from .train.data import HELD_OUT, canonical_caption
 
     t0 = time.perf_counter()
     pipe = load(model)
     load_s = time.perf_counter() - t0
-    rows = []
+    rows: list[dict] = []
+    i2v_rows: list[dict] = []
     gen_times = []
+    width, height = pipe.spec.defaults.size
     for colour, shape, direction in prompts or HELD_OUT:
         prompt = canonical_caption(colour, shape, direction)
-        for seed in range(seeds):
-            t1 = time.perf_counter()
-            video = pipe.generate(prompt, seed=seed, steps=steps)
-            gen_times.append(time.perf_counter() - t1)
-            det = analyse_video(video.frames)
-            if videos is not None:
-                videos.mkdir(parents=True, exist_ok=True)
-                video.save(videos / f"{prompt.replace(' ', '_')}_{seed}.mp4", watermark=False, sign=False)
-            row = {"prompt": prompt, "seed": seed, "want_colour": colour, "want_shape": shape,
-                   "want_direction": direction, **asdict(det)}
-            rows.append(row)
-            log(f"{prompt:40s} seed {seed}: {det.colour}/{det.shape}/{det.direction} "
-                f"fill {det.fill if det.fill is None else round(det.fill, 2)} d {tuple(round(v) for v in det.displacement)}")
+        for task in ("t2v", "i2v") if i2v else ("t2v",):
+            for seed in range(seeds):
+                image = first_frame((colour, shape, direction), seed, height, pipe.spec.defaults.frames) \
+                    if task == "i2v" else None
+                t1 = time.perf_counter()
+                video = pipe.generate(prompt, image, seed=seed, steps=steps, guidance=guidance)
+                if task == "t2v":
+                    gen_times.append(time.perf_counter() - t1)
+                det = analyse_video(video.frames)
+                if videos is not None:
+                    videos.mkdir(parents=True, exist_ok=True)
+                    video.save(videos / f"{task}_{prompt.replace(' ', '_')}_{seed}.mp4", watermark=False, sign=False)
+                row = {"task": task, "prompt": prompt, "seed": seed, "want_colour": colour, "want_shape": shape,
+                       "want_direction": direction, **asdict(det)}
+                (rows if task == "t2v" else i2v_rows).append(row)
+                log(f"{task} {prompt:40s} seed {seed}: {det.colour}/{det.shape}/{det.direction} "
+                    f"fill {det.fill if det.fill is None else round(det.fill, 2)} d {tuple(round(v) for v in det.displacement)}")
     acc = score(rows)
+    acc_i2v = score(i2v_rows) if i2v_rows else None
     cli = time_cli(model, prompts or HELD_OUT, cli_runs) if cli_runs else []
     report = {
         "videos": len(rows),
         "accuracy": acc,
+        "accuracy_i2v": acc_i2v,
         "seconds_per_video_generate": float(np.mean(gen_times)),
         "seconds_load": load_s,
         "seconds_per_video_cli": float(np.mean(cli)) if cli else None,
         "cli_runs": cli,
-        "rows": rows,
+        "rows": rows + i2v_rows,
     }
     log(f"accuracy: colour {acc['colour']:.3f}  shape {acc['shape']:.3f}  direction {acc['direction']:.3f}  "
         f"({len(rows)} videos, {report['seconds_per_video_generate']:.2f} s/video in-process, load {load_s:.1f} s)")
+    if acc_i2v is not None:
+        log(f"image-to-video (first frame of a clip of the same combination): colour {acc_i2v['colour']:.3f}  "
+            f"shape {acc_i2v['shape']:.3f}  direction {acc_i2v['direction']:.3f}  ({len(i2v_rows)} videos)")
     if cli:
         log(f"`kinema generate` wall-clock (process start to MP4 written): {np.mean(cli):.2f} s "
             f"(runs: {', '.join(f'{c:.2f}' for c in cli)})")

@@ -64,7 +64,7 @@ class _Progress:
 
     def __call__(self, info: Any) -> None:
         self.bar.update(1)
-        if info.step == info.total:
+        if self.bar.n >= self.bar.total:
             self.bar.close()
             print("decoding ...", file=sys.stderr, flush=True)
 
@@ -82,9 +82,11 @@ def _load_and_run(path: Path, device: Any, dtype: Optional[str], settings: Any, 
     if pipe.spec != settings.spec:
         settings = pipe.settings(settings.prompt, image, seed=settings.seed, **request)
     w, h = settings.plan.size
+    passes = 2 if settings.image_first else 1
     print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
-          f"({settings.sampler}), seed {settings.seed}", file=sys.stderr, flush=True)
-    bar = _Progress(settings.steps, enabled=progress)
+          f"({settings.sampler}), seed {settings.seed}"
+          + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
+    bar = _Progress(passes * settings.steps, enabled=progress)
     try:
         return pipe.run(settings, callback=bar)
     finally:
@@ -101,6 +103,7 @@ def run_generate(
     guidance: Optional[str | float] = None,
     shift: Optional[float] = None,
     sampler: Optional[str] = None,
+    image_first: Optional[bool] = None,
     negative_prompt: Optional[str] = None,
     seed: Optional[int] = None,
     output: Optional[Path] = None,
@@ -118,7 +121,7 @@ def run_generate(
 
     start = time.perf_counter()
     request = dict(negative_prompt=negative_prompt, size=size, frames=frames, steps=steps,
-                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler)
+                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler, image_first=image_first)
     path = _model_path(model)
     spec = inspect_folder(path).spec  # headers only: cheap, and it catches incomplete folders
     settings = resolve_settings(spec, prompt, image, seed=seed, **request)

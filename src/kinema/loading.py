@@ -569,6 +569,9 @@ def _apply_overrides(defaults: SamplingDefaults, overrides: Mapping[str, Any], s
                 value = float(value)
             elif key in ("sampler", "negative_prompt"):
                 value = str(value)
+            elif key == "image_first":
+                if not isinstance(value, bool):
+                    raise ValueError("image_first must be true or false")
         except (TypeError, ValueError) as exc:
             raise ModelFolderError(f"{source}: bad value for {key!r}: {value!r} ({exc})") from None
         changes[key] = value

@@ -30,7 +30,7 @@ import math
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -175,6 +175,20 @@ def condition(plan: TaskPlan, spec: ModelSpec, vae: Any, device: torch.device) -
     _, t_lat, h, w = plan.latent_shape
     mask = cnd.i2v_frame_mask(mask_ch, t_lat, h, w).to(y_lat.device)
     return Conditioning(plan, y=torch.cat([mask, y_lat], dim=0))
+
+
+def _first_frame_plan(spec: ModelSpec, plan: TaskPlan, frames: Optional[int]) -> TaskPlan:
+    """The text-to-video `plan` of a TI2V model as the image-first passes: `frames=1` gives the
+    text-to-image pass (one latent frame), `None` the image-to-video pass over the whole plan
+    with latent frame 0 known (its tokens get timestep 0)."""
+    c, t_lat, h, w = plan.latent_shape
+    pt, ph, pw = spec.dit.patch_size
+    if frames == 1:
+        t_lat = 1
+    mask = cnd.token_timestep_mask(t_lat, h, w, spec.dit.patch_size, frames is None)
+    return replace(plan, frames=frames or plan.frames, latent_shape=(c, t_lat, h, w),
+                   seq_len=(t_lat // pt) * (h // ph) * (w // pw), image_mode="first_frame" if frames is None else None,
+                   token_mask=mask)
 
 
 def draw_noise(shape: Sequence[int], seed: int) -> Tensor:
@@ -421,6 +435,7 @@ class Settings:
     image_info: Optional[dict[str, Any]] = None
     max_area: Optional[int] = None
     spec: Optional[ModelSpec] = None  # the model these settings were validated for
+    image_first: bool = False  # text-to-video as text-to-image + image-to-video (TI2V only)
 
 
 def _image_info(source: Any, img: Any) -> dict[str, Any]:
@@ -472,7 +487,7 @@ def resolve_settings(spec: ModelSpec, prompt: str, image: Any = None, *,
                      frames: int | None = None, steps: int | None = None,
                      guidance: float | tuple[float, float] | None = None, shift: float | None = None,
                      sampler: str | None = None, seed: int | None = None,
-                     max_area: int | None = None) -> Settings:
+                     max_area: int | None = None, image_first: bool | None = None) -> Settings:
     """Fill in the model's defaults and validate everything that can be checked without running a
     model (InputError with a one-line message otherwise). Also checks the prompt policy."""
     d = spec.defaults
@@ -546,11 +561,19 @@ def resolve_settings(spec: ModelSpec, prompt: str, image: Any = None, *,
         if max_area < 1:
             raise InputError(f"max_area must be >= 1, got {max_area}")
     plan = plan_task(spec, (width, height), frames, pil, max_area)
+    if image_first is None:
+        image_first = d.image_first
+    elif not isinstance(image_first, bool):
+        raise InputError(f"image_first must be true or false, got {image_first!r}")
+    elif image_first and spec.dit.model_type != "ti2v":
+        raise InputError(f"image_first needs a TI2V model (an image as latent frame 0); {spec.name} is not one")
+    # only meaningful for text-to-video of more than one latent frame
+    image_first = bool(image_first and pil is None and spec.dit.model_type == "ti2v" and plan.latent_shape[1] > 1)
     return Settings(
         prompt=prompt, negative_prompt=negative_prompt, size=(width, height), frames=frames,
         fps=float(d.fps), steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
         boundary=d.boundary if spec.two_experts else None, plan=plan, image=pil, image_info=info,
-        max_area=max_area, spec=spec,
+        max_area=max_area, spec=spec, image_first=image_first,
     )
 
 
@@ -691,13 +714,16 @@ class Pipeline:
                  size: tuple[int, int] | str | None = None, frames: int | None = None,
                  steps: int | None = None, guidance: float | tuple[float, float] | None = None,
                  shift: float | None = None, sampler: str | None = None, seed: int | None = None,
-                 callback: StepCallback | None = None) -> Video:
+                 image_first: bool | None = None, callback: StepCallback | None = None) -> Video:
         """Make one video. `image` (a path, PIL image or uint8 array) turns on image-to-video;
         there `size` only sets the pixel area and the aspect ratio follows the image.
-        Unset options take the model's defaults; `seed=None` picks a random seed (recorded in
-        `video.metadata`). `callback(StepInfo)` runs after every sampling step."""
+        `image_first` (TI2V models) makes text-to-video in two passes: the first frame from the
+        text, then image-to-video from it. Unset options take the model's defaults;
+        `seed=None` picks a random seed (recorded in `video.metadata`). `callback(StepInfo)` runs
+        after every sampling step (of both passes with `image_first`)."""
         s = self.settings(prompt, image, negative_prompt=negative_prompt, size=size, frames=frames,
-                          steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed)
+                          steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
+                          image_first=image_first)
         return self.run(s, callback=callback)
 
     # -- the work -----------------------------------------------------------------------------
@@ -726,15 +752,27 @@ class Pipeline:
             else:
                 noise = draw_noise(plan.latent_shape, s.seed)
             context, context_null = self._encode_text(s)
-            with _resident(self.vae, self.device, self.offload):
-                cond = condition(plan, self.spec, self.vae, self.device)
-            if hooks.on_conditioning is not None:
-                hooks.on_conditioning(cond)
             models = [self.transformer] + ([self.transformer_2] if self.spec.two_experts else [])
-            experts = Experts(models, s.guidance, s.boundary, self.device, self.offload)
             schedule = SAMPLERS[s.sampler][0](s.steps, s.shift)
-            latent = denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
-                                   device=self.device, callback=callback, trace=hooks.on_model_call)
+
+            def sample(cond: Conditioning, noise: Tensor) -> Tensor:
+                if hooks.on_conditioning is not None:
+                    hooks.on_conditioning(cond)
+                experts = Experts(models, s.guidance, s.boundary, self.device, self.offload)
+                return denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
+                                     device=self.device, callback=callback, trace=hooks.on_model_call)
+
+            if s.image_first:
+                # pass 1: the first latent frame alone, exactly `frames=1` with this seed (text-to-image);
+                # pass 2: image-to-video with that latent as the known frame 0
+                plan1 = _first_frame_plan(self.spec, plan, 1)
+                noise1 = noise[:, :1] if hooks.noise is not None else draw_noise(plan1.latent_shape, s.seed)
+                first = sample(Conditioning(plan1), noise1)
+                latent = sample(Conditioning(_first_frame_plan(self.spec, plan, None), first_frame=first), noise)
+            else:
+                with _resident(self.vae, self.device, self.offload):
+                    cond = condition(plan, self.spec, self.vae, self.device)
+                latent = sample(cond, noise)
             if hooks.on_final_latent is not None:
                 hooks.on_final_latent(latent)
             with _resident(self.vae, self.device, self.offload):
@@ -746,6 +784,8 @@ class Pipeline:
 
         plan = s.plan
         task = "text-to-video" if plan.image_mode is None else "image-to-video"
+        if s.image_first:
+            task = "text-to-video (image first)"
         return {
             "kinema_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -789,6 +829,8 @@ class Pipeline:
                  "--shift", f"{s.shift:g}", "--sampler", s.sampler, "--seed", str(s.seed)]
         if s.negative_prompt != self.spec.defaults.negative_prompt:
             args += ["--negative-prompt", s.negative_prompt]
+        if s.plan.image_mode is None and self.spec.dit.model_type == "ti2v" and s.image_first != self.spec.defaults.image_first:
+            args += ["--image-first" if s.image_first else "--joint"]
         return shlex.join(args)
 
 

@@ -8,6 +8,12 @@ same warped grid the sampler walks.
 TI2V: with probability `p_image` latent frame 0 is the clean latent, its tokens get timestep 0
 and are left out of the loss (what `Pipeline.generate(image=...)` does at inference). Captions
 are dropped (empty prompt) with probability `p_uncond` for classifier-free guidance.
+
+Text-to-image: `image_batch` more samples per step are single latent frames, the clips' first
+latent frame (the causal VAE encodes frame 0 alone, so it is exactly an image latent). Like
+Wan2.2's joint image/video training; the built-in model makes text-to-video in two passes, an
+image first and then image-to-video (`Pipeline.generate`, `image_first`), and the image pass
+is this task.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class DiTTrainSpec:
     shift: float = 3.0
     p_image: float = 0.5
     p_uncond: float = 0.1
+    image_batch: int = 0  # text-to-image samples per step (single latent frames)
 
     def dit_config(self, z_dim: int) -> DiTConfig:
         return DiTConfig(model_type="ti2v", in_dim=z_dim, out_dim=z_dim, dim=self.dim, ffn_dim=self.ffn_dim,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,16 +111,19 @@ def build_dit_and_text(recipe: Recipe, vocab: int):
     return DiTWithText(dit, t5)
 
 
-def make_dit_loss_fn(model, recipe: Recipe, tokenizer, latents: torch.Tensor, specs: list[list[str]]):
-    """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases."""
+def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, specs: list[list[str]],
+                     cycle: int = 1):
+    """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases
+    (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples."""
+    from dataclasses import replace
+
     from .data import ClipSpec, caption_for
     from .dit_train import flow_loss
 
-    spec = recipe.dit
+    image_spec = replace(spec, p_image=0.0)
 
-    def loss_fn(step: int, gen: torch.Generator):
-        rng = np.random.default_rng([recipe.seed, 11, step])
-        idx = rng.integers(0, latents.shape[0], size=spec.batch)
+    def batch(rng: np.random.Generator, n: int, frames: int | None):
+        idx = rng.integers(0, latents.shape[0], size=n)
         captions = []
         for i in idx:
             c, s, d, bg, sp = specs[int(i)]
@@ -127,8 +131,19 @@ def make_dit_loss_fn(model, recipe: Recipe, tokenizer, latents: torch.Tensor, sp
             captions.append(caption_for(clip, rng))
         ids, mask = tokenizer(captions, max_length=spec.text_len)
         longest = int(mask.sum(dim=1).max())
-        return flow_loss(model, spec, latents[torch.from_numpy(idx)].float(), ids[:, :longest],
-                         mask[:, :longest], gen)
+        z = latents[torch.from_numpy(idx)]
+        if frames is not None:
+            z = z[:, :, :frames]
+        return z.float(), ids[:, :longest], mask[:, :longest]
+
+    def loss_fn(step: int, gen: torch.Generator):
+        rng = np.random.default_rng([seed, 11, step] if cycle == 1 else [seed, 11, cycle, step])
+        loss, logs = flow_loss(model, spec, *batch(rng, spec.batch, None), gen)
+        if spec.image_batch:
+            image_loss, _ = flow_loss(model, image_spec, *batch(rng, spec.image_batch, 1), gen)
+            logs = {"video": float(loss.detach()), "image": float(image_loss.detach())}
+            loss = loss + image_loss
+        return loss, logs
     return loss_fn
 
 
@@ -146,12 +161,22 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     log(f"dit: {sum(p.numel() for p in model.dit.parameters()) / 1e6:.2f}M + text "
         f"{sum(p.numel() for p in model.t5.parameters()) / 1e6:.2f}M parameters; "
         f"{data['latents'].shape[0]} clips")
-    trainer = Trainer(model, make_dit_loss_fn(model, recipe, tokenizer, data["latents"], data["specs"]),
-                      recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
+    lat, clip_specs = data["latents"], data["specs"]
+    loss_fn = make_dit_loss_fn(model, recipe.dit, recipe.seed, tokenizer, lat, clip_specs)
+    trainer = Trainer(model, loss_fn, recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
+    log(f"dit: cycle 1 final loss {np.mean(trainer.history[-100:]):.5f}")
+    for n, cycle in enumerate(recipe.dit_more, start=2):
+        previous = trainer
+        spec = replace(recipe.dit, p_image=cycle.p_image, image_batch=cycle.image_batch)
+        trainer = Trainer(model, make_dit_loss_fn(model, spec, recipe.seed, tokenizer, lat, clip_specs, n),
+                          cycle.optim, checkpoint=work / f"dit_ckpt{n}.pt", name=f"dit{n}", log=log)
+        if not trainer.maybe_resume():
+            trainer.warm_start(previous.state_dict())
+        trainer.run(until=cycle.stop_at, progress=progress)
+        log(f"dit: cycle {n} stopped at step {trainer.step}, loss {np.mean(trainer.history[-100:]):.5f}")
     torch.save(trainer.ema_state(), final)
-    log(f"dit: final loss {np.mean(trainer.history[-100:]):.5f}")
     return final
 
 
@@ -167,6 +192,9 @@ def sampling_defaults(recipe: Recipe) -> dict:
             "shift": recipe.dit.shift,
             "sampler": "unipc",
             "negative_prompt": "",
+            # text-to-video as an image first, then image-to-video from it: the small model
+            # follows a first frame far better than it lays out a whole clip from text alone
+            "image_first": True,
         },
     }
 

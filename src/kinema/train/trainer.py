@@ -33,6 +33,9 @@ class OptimConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
+    # bfloat16 autocast of the forward (AVX512-BF16 CPUs run the matmuls ~1.4x faster);
+    # weights, optimizer state and the loss reduction stay float32
+    bf16: bool = False
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -98,6 +101,17 @@ class Trainer:
         torch.save(self.state_dict(), tmp)
         tmp.replace(self.checkpoint)  # atomic: a crash never leaves a half-written checkpoint
 
+    def warm_start(self, state: dict) -> None:
+        """Start a new schedule (step 0) from another run's weights, EMA and optimizer moments."""
+        self.model.load_state_dict(state["model"])
+        self.ema = {k: v.clone() for k, v in state["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the new schedule owns the hyperparameters
+            group["lr"] = self.cfg.lr
+            group["betas"] = self.cfg.betas
+        self.step = 0
+        self.history = []
+
     def maybe_resume(self) -> bool:
         """Load the checkpoint when it exists; returns whether it did."""
         if self.checkpoint is None or not self.checkpoint.is_file():
@@ -116,7 +130,9 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step)
-        loss, logs = self.loss_fn(self.step, step_generator(cfg.seed, self.step))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, logs = self.loss_fn(self.step, step_generator(cfg.seed, self.step))
+        loss = loss.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
