@@ -34,6 +34,7 @@ def test_builtin_folder_is_small_and_official_layout():
     assert sum(files.values()) < 40 * 2**20
     defaults = json.loads((BUILTIN_DIR / "kinema.json").read_text())["defaults"]
     assert defaults["size"] == [128, 128] and defaults["frames"] == 17
+    assert defaults["image_first"] is True  # text-to-video as an image first, then image-to-video
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +45,15 @@ def pipe():
     return load()
 
 
-def test_builtin_text_to_video_follows_the_prompt(pipe):
-    video = pipe.generate("a red circle moving left", seed=0)
+@pytest.mark.parametrize("combo", [HELD_OUT[0], HELD_OUT[3], HELD_OUT[5]])
+def test_builtin_text_to_video_follows_the_prompt(pipe, combo):
+    colour, shape, direction = combo  # held-out: never seen in training
+    video = pipe.generate(f"a {colour} {shape} moving {direction}", seed=0)
     assert video.frames.shape == (17, 128, 128, 3)
     det = analyse_video(video.frames)
-    # colour sanity only: direction/shape accuracy of the current weights is reported in
-    # benchmarks/builtin_eval.md and is below its targets
-    assert det.colour in ("red", "orange")
+    # colour and motion only: shape accuracy is below its target (benchmarks/builtin_eval.md)
+    assert det.direction == direction
+    assert det.colour == colour or {det.colour, colour} == {"red", "orange"}
 
 
 def test_builtin_image_to_video_keeps_the_first_frame(pipe):
@@ -63,7 +66,7 @@ def test_builtin_image_to_video_keeps_the_first_frame(pipe):
     err = np.abs(video.frames[0].astype(float) - first.astype(float)).mean()
     assert err < 20
     det = analyse_video(video.frames)
-    assert det.colour == spec.colour
+    assert (det.colour, det.direction) == (spec.colour, spec.direction)
 
 
 def test_builtin_truncates_prompts_longer_than_its_text_length():
