@@ -186,6 +186,7 @@ BAD = {
     "image missing": (["--image", "{tmp}/nope.png"], "image not found"),
     "image unreadable": (["--image", "{tmp}/broken.png"], "cannot read image"),
     "image to a text-only model": (["--image", "{img}", "--model", "{t2v}"], "text-to-video only"),
+    "image first on a two-expert model": (["--image-first", "--model", "{t2v}"], "image_first needs a TI2V model"),
     "no image for an image model": (["--model", "{i2v}"], "--image"),
     "model folder missing": (["--model", "{tmp}/no-such-model"], "does not exist"),
     "model folder incomplete": (["--model", "{incomplete}"], "missing VAE"),
@@ -265,6 +266,32 @@ def test_sidecar_command_reproduces_the_video(capsys, models, image, tmp_path, m
     code, _, err = generate(capsys, *args[2:], "-o", str(tmp_path / "again.mp4"))
     assert code == 0, err
     assert len(written) == 2 and np.array_equal(written[0], written[1])
+
+
+def test_image_first_flag_is_recorded_and_reproduces(capsys, models, tmp_path, monkeypatch):
+    import shlex
+
+    import kinema.provenance as prov
+
+    written: list[np.ndarray] = []
+    real = prov.finalize_video
+    monkeypatch.setattr(prov, "finalize_video",
+                        lambda frames, *a, **kw: written.append(frames.copy()) or real(frames, *a, **kw))
+    model = str(models["ti2v", "official"])
+    common = ["--model", model, "--frames", "9", "--steps", "2", "--seed", "3"]
+    code, _, err = generate(capsys, "a fox", *common, "--image-first", "-o", str(tmp_path / "two.mp4"))
+    assert code == 0, err
+    assert "2 passes" in err
+    side = json.loads((tmp_path / "two.json").read_text())
+    assert side["task"] == "text-to-video (image first)"
+    args = shlex.split(side["command"])
+    assert "--image-first" in args  # not the tiny model's default, so the command must say it
+    code, _, err = generate(capsys, *args[2:], "-o", str(tmp_path / "again.mp4"))
+    assert code == 0, err
+    code, _, err = generate(capsys, "a fox", *common, "--joint", "-o", str(tmp_path / "one.mp4"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "one.json").read_text())["task"] == "text-to-video"
+    assert np.array_equal(written[0], written[1]) and not np.array_equal(written[0], written[2])
 
 
 def test_watermark_id_follows_the_frames_and_prompt_stays_private(capsys, models, tmp_path):

@@ -393,3 +393,8 @@ def test_kinema_json_overrides(tmp_path):
     (folder / "kinema.json").write_text(json.dumps({"defaults": {"size": "big"}}))
     with pytest.raises(ModelFolderError, match="kinema.json: bad value for 'size'"):
         inspect_folder(folder)
+    (folder / "kinema.json").write_text(json.dumps({"defaults": {"image_first": "yes"}}))
+    with pytest.raises(ModelFolderError, match="kinema.json: bad value for 'image_first'"):
+        inspect_folder(folder)
+    (folder / "kinema.json").write_text(json.dumps({"defaults": {"image_first": True}}))
+    assert inspect_folder(folder).spec.defaults.image_first is True

@@ -193,7 +193,7 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
     rows: list[dict] = []
     i2v_rows: list[dict] = []
     gen_times = []
-    width, height = pipe.spec.defaults.size
+    height = pipe.spec.defaults.size[1]
     for colour, shape, direction in prompts or HELD_OUT:
         prompt = canonical_caption(colour, shape, direction)
         for task in ("t2v", "i2v") if i2v else ("t2v",):

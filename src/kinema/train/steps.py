@@ -115,8 +115,6 @@ def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, s
                      cycle: int = 1):
     """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases
     (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples."""
-    from dataclasses import replace
-
     from .data import ClipSpec, caption_for
     from .dit_train import flow_loss
 
