@@ -226,3 +226,17 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     # the second cosine cycle ran, warm-started from the first
     assert "[dit2] step 2/2" in text and "dit: cycle 2 stopped at step 2" in text
     assert "[dit3] step 2/2" in text and "dit: cycle 3 stopped at step 2" in text
+    # the decoder's second cycle ran, warm-started from its first
+    assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()
+
+
+def test_train_cli_rejects_an_unknown_step(capsys, tmp_path):
+    from kinema.cli import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--work", str(work), "--tiny", "--steps", "tokenizer,exprot"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'exprot'" in err[0] and "decoder" in err[0], err
+    assert not work.exists()  # nothing ran, not even the tokenizer step

@@ -253,6 +253,16 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
                       recipe.decoder_optim, checkpoint=work / "decoder_ckpt.pt", name="decoder", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
+    for n, cycle in enumerate(recipe.decoder_more, start=2):
+        log(f"decoder: cycle {n - 1} final loss {np.mean(trainer.history[-50:]):.5f}")
+        previous = trainer
+        loss_fn = make_decoder_loss_fn(vae, cycle.spec, data["latents"], recipe.seed, recipe.seed + 3000,
+                                       recipe.size, recipe.frames, cycle=n)
+        trainer = Trainer(vae, loss_fn, cycle.optim, checkpoint=work / f"decoder_ckpt{n}.pt",
+                          name=f"decoder{n}", log=log)
+        if not trainer.maybe_resume():
+            trainer.warm_start(previous.state_dict())
+        trainer.run(progress=progress)
     vae.load_state_dict(trainer.ema_state())
     torch.save(vae.state_dict(), final)
     log(f"decoder: final loss {np.mean(trainer.history[-50:]):.5f}")

@@ -206,9 +206,12 @@ def decode_normalized(vae: WanVAE, z: Tensor) -> Tensor:
 
 
 def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, latents: Tensor, seed: int, clip_seed: int,
-                         size: int, frames: int):
+                         size: int, frames: int, cycle: int = 1):
     def loss_fn(step: int, gen: torch.Generator):
-        z, video = decoder_batch(spec, latents, seed, clip_seed, step, size, frames, vae.cfg.spatial_stride)
+        # every cycle draws its own batches; cycle 1 keeps the stream of the original run
+        batch_seed = seed if cycle == 1 else seed + 7919 * cycle
+        z, video = decoder_batch(spec, latents, batch_seed, clip_seed, step, size, frames, vae.cfg.spatial_stride)
         z = z + spec.latent_noise * torch.randn(z.shape, generator=gen)
-        return weighted_recon_loss(decode_normalized(vae, z), video, spec.fg_weight), {}
+        # float32 loss under bf16 autocast
+        return weighted_recon_loss(decode_normalized(vae, z).float(), video, spec.fg_weight), {}
     return loss_fn
