@@ -66,8 +66,8 @@ class Recipe:
     decoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         steps=400, lr=5e-4, warmup=20, ema_decay=0.99, checkpoint_every=25, log_every=25))
     # A second, longer decoder cycle: after the first (400 steps) the decoder still drew soft
-    # blobs, squares and triangles without their corners; bf16 autocast makes its steps ~3x
-    # faster on this CPU.
+    # blobs, squares and triangles without their corners; bf16 autocast makes its steps ~4x
+    # faster on this CPU (benchmarks/train_step_bench.py).
     decoder_more: tuple[DecoderCycle, ...] = (
         DecoderCycle(OptimConfig(steps=3000, lr=3e-4, warmup=50, ema_decay=0.998, checkpoint_every=50,
                                  log_every=25, bf16=True, seed=1)),
