@@ -17,7 +17,7 @@ from kinema.train.data import (
     HELD_OUT, all_combos, canonical_caption, caption_for, make_clip, render_clip, sample_spec, train_combos,
 )
 from kinema.train.trainer import OptimConfig, Trainer
-from kinema.train.vae_train import decode_raw, encode_raw, fold_latent_stats
+from kinema.train.vae_train import decode_raw, encode_raw, fold_latent_stats, widen_decoder
 
 
 @pytest.fixture(autouse=True)
@@ -204,6 +204,32 @@ def test_warm_start_continues_from_the_weights_with_a_new_schedule():
     assert eval_loss2() < 1.2 * trained  # continues near the trained loss, not from scratch
 
 
+def test_widened_decoder_decodes_like_the_narrow_one_and_its_new_channels_learn():
+    cfg = VAEConfig(version="2.2", dim=4, dec_dim=4, z_dim=48, latents_mean=WAN22_LATENT_MEAN,
+                    latents_std=WAN22_LATENT_STD)
+    torch.manual_seed(0)
+    narrow = WanVAE(cfg).eval()
+    with torch.no_grad():  # a trained-looking decoder: no zero or unit parameters left
+        for p in narrow.decoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    wide = widen_decoder(narrow, WanVAE(replace(cfg, dec_dim=8)).eval())
+    assert wide.decoder.head[0].gamma.shape[0] == 8
+    z = torch.randn(1, 48, 3, 2, 2)  # 3 latent frames: the first chunk and two cached ones
+    with torch.no_grad():
+        a, b = narrow.decode(z), wide.decode(z)
+    assert a.shape == b.shape == (1, 3, 9, 32, 32)
+    assert (a - b).abs().max() < 1e-3 and (a - b).abs().max() > 0  # near-identical, not a copy
+    # the zero-initialised weights from new channels into old ones get gradients at once
+    wide.requires_grad_(True)
+    (decode_raw(wide, z).square().mean()).backward()
+    conv = wide.decoder.upsamples[0].upsamples[0].residual[2]
+    assert conv.weight.grad[:conv.weight.shape[0] // 2, conv.weight.shape[1] // 2:].abs().sum() > 0
+    # widening to the same width is exact
+    same = widen_decoder(narrow, WanVAE(cfg).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(same.decode(z), a)
+
+
 # -- the whole recipe on a tiny configuration -------------------------------------------------
 
 
@@ -226,8 +252,10 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     # the second cosine cycle ran, warm-started from the first
     assert "[dit2] step 2/2" in text and "dit: cycle 2 stopped at step 2" in text
     assert "[dit3] step 2/2" in text and "dit: cycle 3 stopped at step 2" in text
-    # the decoder's second cycle ran, warm-started from its first
+    # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()
+    assert "decoder: widened to dec_dim 8" in text and "[decoder3] step 2/2" in text
+    assert pipe.vae.cfg.dec_dim == 8 and pipe.vae.cfg.dim == 4
 
 
 def test_train_cli_rejects_an_unknown_step(capsys, tmp_path):

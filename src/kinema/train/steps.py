@@ -256,11 +256,24 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     for n, cycle in enumerate(recipe.decoder_more, start=2):
         log(f"decoder: cycle {n - 1} final loss {np.mean(trainer.history[-50:]):.5f}")
         previous = trainer
+        widen = cycle.dec_dim is not None and cycle.dec_dim != (vae.cfg.dec_dim or vae.cfg.dim)
+        if widen:
+            from ..models.vae import WanVAE
+            from .vae_train import widen_decoder
+
+            vae.load_state_dict(previous.ema_state())
+            vae = widen_decoder(vae, WanVAE(replace(vae.cfg, dec_dim=cycle.dec_dim)), seed=recipe.seed + n)
+            vae.eval().requires_grad_(False)
+            vae.conv2.requires_grad_(True)
+            vae.decoder.requires_grad_(True)
+            log(f"decoder: widened to dec_dim {cycle.dec_dim} "
+                f"({sum(p.numel() for p in vae.decoder.parameters()) / 1e6:.1f}M parameters)")
         loss_fn = make_decoder_loss_fn(vae, cycle.spec, data["latents"], recipe.seed, recipe.seed + 3000,
                                        recipe.size, recipe.frames, cycle=n)
         trainer = Trainer(vae, loss_fn, cycle.optim, checkpoint=work / f"decoder_ckpt{n}.pt",
                           name=f"decoder{n}", log=log)
-        if not trainer.maybe_resume():
+        # a widened decoder starts a fresh optimizer (the old moments have the old shapes)
+        if not trainer.maybe_resume() and not widen:
             trainer.warm_start(previous.state_dict())
         trainer.run(progress=progress)
     vae.load_state_dict(trainer.ema_state())

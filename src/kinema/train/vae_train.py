@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
 from ..models.vae import WanVAE
@@ -215,3 +215,60 @@ def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, latents: Tensor, se
         # float32 loss under bf16 autocast
         return weighted_recon_loss(decode_normalized(vae, z).float(), video, spec.fg_weight), {}
     return loss_fn
+
+
+def _out_index(old: int, new: int, groups: int) -> Tensor:
+    """Where the `old` output channels of a layer land among its `new` ones. Layers whose output
+    is `groups` stacked blocks (time_conv: 2 frames, to_qkv: q, k, v) keep each block's prefix."""
+    c_old, c_new = old // groups, new // groups
+    i = torch.arange(old)
+    return (i // c_old) * c_new + i % c_old
+
+
+@torch.no_grad()
+def widen_decoder(old: WanVAE, new: WanVAE, eps: float = 1e-2, seed: int = 0) -> WanVAE:
+    """Copy `old` into `new`, whose decoder is wider (larger `dec_dim`), so that `new` decodes
+    like `old` (to ~1e-5) yet its extra channels can learn (net2net-style widening).
+
+    Each old channel keeps its index (the first channels of every layer: the parameter-free
+    DupUp3D shortcuts then still route old channels to old channels). Extra output channels
+    start small and random (eps x the layer's init scale), extra input channels start at zero
+    weight, so at first they barely touch the old function, yet get gradients at once. The
+    RMS norms scale by sqrt(C), and the attention by 1/sqrt(C): both are rescaled to match.
+    """
+    from ..models.vae import AttentionBlock, RMS_norm
+
+    gen = torch.Generator().manual_seed(seed)
+    new.load_state_dict({k: v for k, v in old.state_dict().items() if not k.startswith("decoder.")},
+                        strict=False)
+    old_modules = dict(old.decoder.named_modules())
+    for name, m in new.decoder.named_modules():
+        o = old_modules[name]
+        if isinstance(m, RMS_norm):
+            c_old, c_new = o.gamma.shape[0], m.gamma.shape[0]
+            gamma = o.gamma * (c_old / c_new) ** 0.5
+            m.gamma.fill_(float(gamma.mean()))
+            m.gamma[:c_old] = gamma
+        elif isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            groups = 2 if name.endswith("time_conv") else 3 if name.endswith("to_qkv") else 1
+            rows = _out_index(o.weight.shape[0], m.weight.shape[0], groups)
+            cols = torch.arange(o.weight.shape[1])
+            w = torch.randn(m.weight.shape, generator=gen) * float(m.weight.std()) * eps
+            w[:, cols.numel():] = 0.0
+            w[rows[:, None], cols[None, :]] = o.weight
+            extra_rows = torch.ones(m.weight.shape[0], dtype=torch.bool)
+            extra_rows[rows] = False
+            w[extra_rows, cols.numel():] = torch.randn(w[extra_rows, cols.numel():].shape, generator=gen) \
+                * float(m.weight.std()) * eps
+            m.weight.copy_(w)
+            if m.bias is not None:
+                m.bias.zero_()
+                m.bias[rows] = o.bias
+    for name, m in new.decoder.named_modules():  # after the copies above
+        if isinstance(m, AttentionBlock):
+            # logits are q.k / sqrt(C): scale q so the wider block attends as before
+            c = m.proj.weight.shape[0]
+            ratio = (c / old_modules[name].proj.weight.shape[0]) ** 0.5
+            m.to_qkv.weight[:c] *= ratio
+            m.to_qkv.bias[:c] *= ratio
+    return new
