@@ -228,6 +228,8 @@ def test_widened_decoder_decodes_like_the_narrow_one_and_its_new_channels_learn(
     same = widen_decoder(narrow, WanVAE(cfg).eval())
     with torch.no_grad():
         torch.testing.assert_close(same.decode(z), a)
+    with pytest.raises(ValueError, match="narrower"):
+        widen_decoder(wide, WanVAE(cfg))
 
 
 # -- the whole recipe on a tiny configuration -------------------------------------------------

@@ -238,6 +238,9 @@ def widen_decoder(old: WanVAE, new: WanVAE, eps: float = 1e-2, seed: int = 0) ->
     """
     from ..models.vae import AttentionBlock, RMS_norm
 
+    old_width, new_width = (v.cfg.dec_dim or v.cfg.dim for v in (old, new))
+    if new_width < old_width:
+        raise ValueError(f"cannot widen a decoder of dec_dim {old_width} to a narrower {new_width}")
     gen = torch.Generator().manual_seed(seed)
     new.load_state_dict({k: v for k, v in old.state_dict().items() if not k.startswith("decoder.")},
                         strict=False)
