@@ -56,6 +56,18 @@ def test_builtin_text_to_video_follows_the_prompt(pipe, combo):
     assert det.colour == colour or {det.colour, colour} == {"red", "orange"}
 
 
+def test_vae_round_trip_scores_the_builtin_vae(pipe):
+    from kinema.evaluate import vae_round_trip
+
+    combos = [("red", "square", "up"), ("blue", "triangle", "left")]
+    report = vae_round_trip(pipe.vae, repeats=1, combos=combos)
+    assert report["clips"] == 2
+    # colour and motion survive the round trip; the fills are the blurred corners' numbers
+    assert report["accuracy"]["colour"] == 1.0 and report["accuracy"]["direction"] == 1.0
+    assert set(report["mean_fill"]) == {"square", "triangle"}
+    assert report["mean_fill"]["triangle"] < report["mean_fill"]["square"]
+
+
 def test_builtin_image_to_video_keeps_the_first_frame(pipe):
     clip, _, spec = make_clip(11, 0)
     first = clip[0]

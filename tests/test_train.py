@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kinema.config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
 from kinema.evaluate import analyse_video
@@ -270,3 +271,24 @@ def test_train_cli_rejects_an_unknown_step(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'exprot'" in err[0] and "decoder" in err[0], err
     assert not work.exists()  # nothing ran, not even the tokenizer step
+
+
+def test_edge_loss_term_is_added_and_sees_blur():
+    from kinema.train.vae_train import VAETrainSpec, edge_loss, vae_loss
+
+    # a sharp square and the same square box-blurred: the edge term grows with the blur
+    video = -torch.ones(1, 3, 1, 32, 32)
+    video[..., 8:24, 8:24] = 1.0
+    blurred = F.avg_pool3d(F.pad(video, (2, 2, 2, 2, 0, 0), mode="replicate"), (1, 5, 5), stride=1)
+    more = F.avg_pool3d(F.pad(video, (4, 4, 4, 4, 0, 0), mode="replicate"), (1, 9, 9), stride=1)
+    assert edge_loss(video, video) == 0
+    assert 0 < edge_loss(blurred, video) < edge_loss(more, video)
+
+    vae = _tiny_vae()
+    clip = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    spec = VAETrainSpec(dim=4, dec_dim=4, latent_noise=0.0, grad_weight=0.0)
+    plain, stats = vae_loss(vae, spec, clip, torch.Generator().manual_seed(0))
+    assert "edge" not in stats
+    with_edges, stats = vae_loss(vae, replace(spec, grad_weight=2.0), clip, torch.Generator().manual_seed(0))
+    assert stats["edge"] > 0
+    torch.testing.assert_close(with_edges, plain + 2.0 * stats["edge"], rtol=1e-5, atol=1e-6)
