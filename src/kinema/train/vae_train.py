@@ -43,8 +43,8 @@ class VAETrainSpec:
     l2_weight: float = 1e-3  # keeps the latent scale in check (so the noise stays meaningful)
     fg_weight: float = 4.0  # extra weight on pixels that differ from the frame's median (the object)
     # Weight of an L1 loss on spatial image gradients. Edges are ~1% of the pixels, so the
-    # per-pixel loss barely notices a rounded corner (the shipped VAE draws squares and
-    # triangles as blobs); 0 keeps the shipped recipe's loss.
+    # per-pixel loss barely notices a rounded corner. Tried at 5 (benchmarks/builtin_eval.md,
+    # session 7): corners stayed soft; 0 keeps the shipped recipe's loss.
     grad_weight: float = 0.0
 
     def vae_config(self) -> VAEConfig:
