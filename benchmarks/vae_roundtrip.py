@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 
 def load_vae(path: Path):
+    from kinema.loading import ComponentInfo, TensorMeta, infer_vae_config
     from kinema.models.vae import WanVAE
-    from kinema.train.vae_train import VAETrainSpec
 
     if path.is_dir():
         from kinema.pipeline import load
@@ -29,9 +28,9 @@ def load_vae(path: Path):
         return load(path).vae
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("ema", state)  # trainer checkpoints keep the EMA weights there
-    cfg = replace(VAETrainSpec().vae_config(), dim=state["encoder.conv1.weight"].shape[0],
-                  dec_dim=state["decoder.head.0.gamma"].shape[0])
-    vae = WanVAE(cfg)
+    # the loader's own shape inference (widths, version, latent constants)
+    metas = {k: TensorMeta(tuple(v.shape), v.dtype, path) for k, v in state.items()}
+    vae = WanVAE(infer_vae_config(ComponentInfo("vae", [path], "official", metas)))
     vae.load_state_dict({k: v.float() for k, v in state.items()})
     return vae.eval()
 

@@ -250,17 +250,17 @@ def vae_round_trip(vae, repeats: int = 2, seed: int = 5,
     """
     import torch
 
+    from .pipeline import to_uint8
     from .train.data import HELD_OUT, render_clip, sample_spec
+    from .train.vae_train import clips_to_tensor
 
     rng = np.random.default_rng(seed)
     rows, fills = [], {}
     for combo in (combos or HELD_OUT) * repeats:
-        clip = render_clip(sample_spec(rng, combo=combo))
-        video = torch.from_numpy(clip).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]
+        video = clips_to_tensor([render_clip(sample_spec(rng, combo=combo))])
         with torch.no_grad():
-            rec = vae.decode(vae.encode(video))
-        frames = ((rec[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        det = analyse_video(frames)
+            # quantized exactly as generated videos are
+            det = analyse_video(to_uint8(vae.decode(vae.encode(video))).numpy())
         rows.append({**{f"want_{k}": v for k, v in zip(("colour", "shape", "direction"), combo)},
                      "colour": det.colour, "shape": det.shape, "direction": det.direction})
         if det.fill is not None:

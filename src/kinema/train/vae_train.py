@@ -129,6 +129,18 @@ def edge_loss(recon: Tensor, video: Tensor) -> Tensor:
     return (err.diff(dim=4).abs().mean() + err.diff(dim=3).abs().mean()) / 2
 
 
+def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float,
+                        grad_weight: float) -> tuple[Tensor, dict[str, float]]:
+    """The pixel loss shared by VAE training and decoder tuning: weighted L1 + L2, plus the edge
+    term when `grad_weight` is set."""
+    rec = weighted_recon_loss(recon, video, fg_weight)
+    stats = {"rec": float(rec.detach())}
+    if not grad_weight:
+        return rec, stats
+    edge = edge_loss(recon, video)
+    return rec + grad_weight * edge, {**stats, "edge": float(edge.detach())}
+
+
 def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     # Inference only ever uses the mean latent, so train on it directly (a sampled posterior
     # with a learned variance starts out as pure noise and slows learning down a lot); a little
@@ -136,15 +148,9 @@ def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generato
     mu, _ = encode_raw(vae, video)
     z = mu + spec.latent_noise * torch.randn(mu.shape, generator=gen)
     recon = decode_raw(vae, z).float()  # float32 loss under bf16 autocast
-    rec = weighted_recon_loss(recon, video, spec.fg_weight)
+    rec, stats = reconstruction_loss(recon, video, spec.fg_weight, spec.grad_weight)
     l2 = mu.float().square().mean()
-    loss = rec + spec.l2_weight * l2
-    stats = {"rec": float(rec.detach()), "l2": float(l2.detach())}
-    if spec.grad_weight:
-        edge = edge_loss(recon, video)
-        loss = loss + spec.grad_weight * edge
-        stats["edge"] = float(edge.detach())
-    return loss, stats
+    return rec + spec.l2_weight * l2, {**stats, "l2": float(l2.detach())}
 
 
 def make_vae_loss_fn(vae: WanVAE, spec: VAETrainSpec, seed: int):
@@ -230,11 +236,7 @@ def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, latents: Tensor, se
         z, video = decoder_batch(spec, latents, batch_seed, clip_seed, step, size, frames, vae.cfg.spatial_stride)
         z = z + spec.latent_noise * torch.randn(z.shape, generator=gen)
         recon = decode_normalized(vae, z).float()  # float32 loss under bf16 autocast
-        loss = weighted_recon_loss(recon, video, spec.fg_weight)
-        if not spec.grad_weight:
-            return loss, {}
-        edge = edge_loss(recon, video)
-        return loss + spec.grad_weight * edge, {"edge": float(edge.detach())}
+        return reconstruction_loss(recon, video, spec.fg_weight, spec.grad_weight)
     return loss_fn
 
 
