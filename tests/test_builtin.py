@@ -19,6 +19,23 @@ def test_scorer_is_right_on_ground_truth_clips():
         spec = sample_spec(np.random.default_rng(i), combo=combo)
         det = analyse_video(render_clip(spec))
         assert (det.colour, det.shape, det.direction) == combo
+        assert det.shape_template == combo[1] and det.template_iou > 0.95
+
+
+def test_template_reading_tolerates_soft_corners():
+    from kinema.evaluate import template_ious
+    from kinema.train.data import _coverage
+
+    g = np.arange(128) + 0.5
+    gx, gy = g[None, :], g[:, None]
+    # a square whose corners are rounded with an 8 px radius, and a slightly squashed circle
+    sd = np.maximum(np.abs(gx - 64) - 20, 0) ** 2 + np.maximum(np.abs(gy - 60) - 20, 0) ** 2
+    rounded = np.sqrt(sd) <= 8
+    ellipse = ((gx - 64) / 30) ** 2 + ((gy - 60) / 26) ** 2 <= 1
+    triangle = _coverage("triangle", gx, gy, 64, 64, 30) >= 0.5
+    for mask, want in ((rounded, "square"), (ellipse, "circle"), (triangle, "triangle")):
+        ious = template_ious(mask)
+        assert max(ious, key=ious.get) == want, (want, ious)
 
 
 def test_colour_prototypes_classify_to_themselves():
@@ -51,9 +68,10 @@ def test_builtin_text_to_video_follows_the_prompt(pipe, combo):
     video = pipe.generate(f"a {colour} {shape} moving {direction}", seed=0)
     assert video.frames.shape == (17, 128, 128, 3)
     det = analyse_video(video.frames)
-    # colour and motion only: shape accuracy is below its target (benchmarks/builtin_eval.md)
     assert det.direction == direction
     assert det.colour == colour or {det.colour, colour} == {"red", "orange"}
+    # circles and triangles come out right; squares are still drawn round (benchmarks/builtin_eval.md)
+    assert det.shape == shape
 
 
 def test_vae_round_trip_scores_the_builtin_vae(pipe):
@@ -62,8 +80,8 @@ def test_vae_round_trip_scores_the_builtin_vae(pipe):
     combos = [("red", "square", "up"), ("blue", "triangle", "left")]
     report = vae_round_trip(pipe.vae, repeats=1, combos=combos)
     assert report["clips"] == 2
-    # colour and motion survive the round trip; the fills are the blurred corners' numbers
-    assert report["accuracy"]["colour"] == 1.0 and report["accuracy"]["direction"] == 1.0
+    # at the built-in model's object sizes everything survives the round trip, corners included
+    assert report["accuracy"] == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "shape_template": 1.0}
     assert set(report["mean_fill"]) == {"square", "triangle"}
     assert report["mean_fill"]["triangle"] < report["mean_fill"]["square"]
 
@@ -102,7 +120,7 @@ def test_eval_scores_text_and_image_to_video(tmp_path):
     assert (still.colour, still.shape) == combo[:2]
     report = run_eval(None, seeds=1, prompts=[combo], cli_runs=0, out=tmp_path / "r.json", log=lambda m: None)
     assert report["videos"] == 1
-    assert set(report["accuracy"]) == set(report["accuracy_i2v"]) == {"colour", "shape", "direction"}
+    assert set(report["accuracy"]) == set(report["accuracy_i2v"]) == {"colour", "shape", "direction", "shape_template"}
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["task"] for r in rows] == ["t2v", "i2v"]
     assert all(r["want_colour"] == combo[0] for r in rows)

@@ -15,7 +15,7 @@ from kinema.config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
 from kinema.evaluate import analyse_video
 from kinema.models.vae import WanVAE
 from kinema.train.data import (
-    HELD_OUT, all_combos, canonical_caption, caption_for, make_clip, render_clip, sample_spec, train_combos,
+    DIRECTION_VECTORS, HELD_OUT, all_combos, canonical_caption, caption_for, make_clip, render_clip, sample_spec, train_combos,
 )
 from kinema.train.trainer import OptimConfig, Trainer
 from kinema.train.vae_train import decode_raw, encode_raw, fold_latent_stats, widen_decoder
@@ -65,6 +65,24 @@ def test_captions_canonical_and_paraphrased():
     assert 0.2 < caps.count(canonical) / len(caps) < 0.5
     assert len(set(caps)) > 30  # many paraphrases
     assert all("orange" in c.lower() for c in caps)
+
+
+def test_layouts_draw_the_same_clip_at_another_size():
+    from kinema.train.data import LAYOUT, SMALL_OBJECTS
+
+    for i in range(50):
+        small = sample_spec(np.random.default_rng(i), layout=SMALL_OBJECTS)
+        large = sample_spec(np.random.default_rng(i), layout=LAYOUT)
+        # the same random draws: only the size, the travel and the start they imply differ
+        assert (small.colour, small.shape, small.direction, small.background, small.speed, small.rgb, small.bg) == \
+            (large.colour, large.shape, large.direction, large.background, large.speed, large.rgb, large.bg)
+        assert 16 <= small.radius <= 23 and 28 <= large.radius <= 34
+        assert large.distance == pytest.approx(small.distance * LAYOUT.travel)
+        # the larger object's path starts and ends inside the frame
+        for f in (0.0, 1.0):
+            dx, dy = DIRECTION_VECTORS[large.direction]
+            cx, cy = (large.start[0] + dx * large.distance * f) * 128, (large.start[1] + dy * large.distance * f) * 128
+            assert 0 < cx - large.radius and cx + large.radius < 128 and 0 < cy - large.radius and cy + large.radius < 128
 
 
 @pytest.mark.parametrize("combo", [("red", "circle", "left"), ("blue", "square", "down"),
@@ -255,6 +273,17 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     # the second cosine cycle ran, warm-started from the first
     assert "[dit2] step 2/2" in text and "dit: cycle 2 stopped at step 2" in text
     assert "[dit3] step 2/2" in text and "dit: cycle 3 stopped at step 2" in text
+    # the last cycle trains on its own latent set (larger objects), encoded by the latents step
+    assert "[dit4] step 2/2" in text and "8 clips from latents_r28-34_t0.7.pt" in text.split("[dit4]")[0]
+    assert (tmp_path / "work" / "latents.pt").is_file() and (tmp_path / "work" / "latents_r28-34_t0.7.pt").is_file()
+    assert "8 clips from latents_r28-34_t0.7.pt" in text.split("[decoder3]")[0]  # the decoder's too
+    # resuming finished cycles loads no latent set
+    (tmp_path / "work" / "dit.pt").unlink()
+    before = len(log.read_text())
+    run_recipe(tmp_path / "work", tiny_recipe(), steps=("dit",), progress=False, threads=None)
+    rerun = log.read_text()[before:]
+    assert "[dit4] resumed at step 2" in rerun and "clips from" not in rerun
+    assert (tmp_path / "work" / "dit.pt").is_file()
     # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()
     assert "decoder: widened to dec_dim 8" in text and "[decoder3] step 2/2" in text

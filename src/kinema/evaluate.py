@@ -7,7 +7,10 @@ backgrounds both work); the largest connected blob is the object. Then:
 - colour: the blob's median RGB -> hue/saturation -> nearest colour word (white = bright and
   unsaturated);
 - shape: median fill ratio area / bounding-box area over frames where the blob does not touch
-  the border (square ~1.0, circle ~0.79, triangle ~0.5);
+  the border (square ~1.0, circle ~0.79, triangle ~0.5); a second, independent reading
+  (`shape_template`) matches the blob against an ideal circle, square and upward triangle of
+  the same area and centroid and takes the best mean IoU over those frames, so a result does
+  not hang on one hand-set fill threshold;
 - direction: the dominant axis and sign of the blob centroid's displacement (least-squares
   slope over the frames).
 
@@ -39,6 +42,8 @@ class Detection:
     displacement: tuple[float, float]
     fill: float | None
     rgb: tuple[int, int, int] | None
+    shape_template: str | None = None
+    template_iou: float | None = None
 
 
 def _background(frame: np.ndarray) -> np.ndarray:
@@ -109,10 +114,31 @@ def classify_fill(fill: float) -> str:
     return "circle"
 
 
+def template_ious(mask: np.ndarray) -> dict[str, float]:
+    """IoU of a blob with an ideal circle, axis-aligned square and upward equilateral triangle of
+    the same area, centred on the blob's centroid (the centroid of each of the three shapes is
+    its centre)."""
+    from .train.data import _coverage
+
+    ys, xs = np.nonzero(mask)
+    area, cx, cy = float(len(xs)), xs.mean() + 0.5, ys.mean() + 0.5
+    h, w = mask.shape
+    gx, gy = np.arange(w)[None, :] + 0.5, np.arange(h)[:, None] + 0.5
+    # `_coverage`'s size parameter r per shape for that area: circle pi r^2, square (2 * 0.88 r)^2,
+    # triangle 3 sqrt(3) a^2 with inradius a = 0.675 r
+    sizes = {"circle": np.sqrt(area / np.pi), "square": np.sqrt(area) / 1.76,
+             "triangle": np.sqrt(area / (3 * np.sqrt(3))) / 0.675}
+    out = {}
+    for shape, r in sizes.items():
+        ideal = _coverage(shape, gx, gy, cx, cy, r) >= 0.5
+        out[shape] = float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
+    return out
+
+
 def analyse_video(frames: np.ndarray) -> Detection:
     """Colour, shape and direction of the moving object in uint8 frames [T, H, W, 3]."""
     t, h, w, _ = frames.shape
-    centres, times, fills, colours = [], [], [], []
+    centres, times, fills, colours, ious = [], [], [], [], []
     for i in range(t):
         mask = find_object(frames[i])
         if mask is None:
@@ -124,6 +150,7 @@ def analyse_video(frames: np.ndarray) -> Detection:
         x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
         if x0 > 0 and y0 > 0 and x1 < w - 1 and y1 < h - 1:
             fills.append(mask.sum() / float((x1 - x0 + 1) * (y1 - y0 + 1)))
+            ious.append(template_ious(mask))
     if len(times) < 2:
         return Detection(None, None, None, len(times), (0.0, 0.0), None, None)
     rgb = np.median(np.stack(colours), axis=0)
@@ -139,13 +166,21 @@ def analyse_video(frames: np.ndarray) -> Detection:
     else:
         direction = "down" if dy > 0 else "up"
     fill = float(np.median(fills)) if fills else None
+    template, best_iou = None, None
+    if ious:
+        mean_iou = {k: float(np.mean([d[k] for d in ious])) for k in ious[0]}
+        template = max(mean_iou, key=mean_iou.get)
+        best_iou = mean_iou[template]
     return Detection(classify_colour(rgb), classify_fill(fill) if fill is not None else None, direction,
-                     len(times), (float(dx), float(dy)), fill, tuple(int(v) for v in rgb))
+                     len(times), (float(dx), float(dy)), fill, tuple(int(v) for v in rgb), template, best_iou)
 
 
 def score(rows: list[dict]) -> dict[str, float]:
     n = max(len(rows), 1)
-    return {k: sum(r[k] == r[f"want_{k}"] for r in rows) / n for k in ("colour", "shape", "direction")}
+    acc = {k: sum(r[k] == r[f"want_{k}"] for r in rows) / n for k in ("colour", "shape", "direction")}
+    if rows and all("shape_template" in r for r in rows):
+        acc["shape_template"] = sum(r["shape_template"] == r["want_shape"] for r in rows) / n
+    return acc
 
 
 def first_frame(combo: tuple[str, str, str], seed: int, size: int = 128, frames: int = 17) -> np.ndarray:
@@ -212,7 +247,8 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
                        "want_direction": direction, **asdict(det)}
                 (rows if task == "t2v" else i2v_rows).append(row)
                 log(f"{task} {prompt:40s} seed {seed}: {det.colour}/{det.shape}/{det.direction} "
-                    f"fill {det.fill if det.fill is None else round(det.fill, 2)} d {tuple(round(v) for v in det.displacement)}")
+                    f"fill {det.fill if det.fill is None else round(det.fill, 2)} template {det.shape_template} "
+                    f"d {tuple(round(v) for v in det.displacement)}")
     acc = score(rows)
     acc_i2v = score(i2v_rows) if i2v_rows else None
     cli = time_cli(model, prompts or HELD_OUT, cli_runs) if cli_runs else []
@@ -226,11 +262,13 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
         "cli_runs": cli,
         "rows": rows + i2v_rows,
     }
-    log(f"accuracy: colour {acc['colour']:.3f}  shape {acc['shape']:.3f}  direction {acc['direction']:.3f}  "
+    log(f"accuracy: colour {acc['colour']:.3f}  shape {acc['shape']:.3f} (template {acc['shape_template']:.3f})  "
+        f"direction {acc['direction']:.3f}  "
         f"({len(rows)} videos, {report['seconds_per_video_generate']:.2f} s/video in-process, load {load_s:.1f} s)")
     if acc_i2v is not None:
         log(f"image-to-video (first frame of a clip of the same combination): colour {acc_i2v['colour']:.3f}  "
-            f"shape {acc_i2v['shape']:.3f}  direction {acc_i2v['direction']:.3f}  ({len(i2v_rows)} videos)")
+            f"shape {acc_i2v['shape']:.3f} (template {acc_i2v['shape_template']:.3f})  "
+            f"direction {acc_i2v['direction']:.3f}  ({len(i2v_rows)} videos)")
     if cli:
         log(f"`kinema generate` wall-clock (process start to MP4 written): {np.mean(cli):.2f} s "
             f"(runs: {', '.join(f'{c:.2f}' for c in cli)})")
@@ -240,29 +278,31 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
 
 
 def vae_round_trip(vae, repeats: int = 2, seed: int = 5,
-                   combos: list[tuple[str, str, str]] | None = None) -> dict:
+                   combos: list[tuple[str, str, str]] | None = None, layout=None) -> dict:
     """Score a VAE's own round trip (encode + decode) of procedural held-out clips.
 
     This is the ceiling of any model that draws through this VAE: a perfect DiT cannot score
     above what the decoder makes of the encoder's own latents. `repeats` clips per held-out
     combination (the default 24 clips are the ones quoted in benchmarks/builtin_eval.md);
-    `combos` replaces the held-out list. Returns accuracies and the mean fill ratio per true shape.
+    `combos` replaces the held-out list; `layout` the object sizes (default `data.LAYOUT`, what
+    the built-in model draws). Returns accuracies and the mean fill ratio per true shape.
     """
     import torch
 
     from .pipeline import to_uint8
-    from .train.data import HELD_OUT, render_clip, sample_spec
+    from .train.data import HELD_OUT, LAYOUT, render_clip, sample_spec
     from .train.vae_train import clips_to_tensor
 
     rng = np.random.default_rng(seed)
     rows, fills = [], {}
     for combo in (combos or HELD_OUT) * repeats:
-        video = clips_to_tensor([render_clip(sample_spec(rng, combo=combo))])
+        video = clips_to_tensor([render_clip(sample_spec(rng, combo=combo, layout=layout or LAYOUT))])
         with torch.no_grad():
             # quantized exactly as generated videos are
             det = analyse_video(to_uint8(vae.decode(vae.encode(video))).numpy())
         rows.append({**{f"want_{k}": v for k, v in zip(("colour", "shape", "direction"), combo)},
-                     "colour": det.colour, "shape": det.shape, "direction": det.direction})
+                     "colour": det.colour, "shape": det.shape, "direction": det.direction,
+                     "shape_template": det.shape_template})
         if det.fill is not None:
             fills.setdefault(combo[1], []).append(det.fill)
     return {"clips": len(rows), "accuracy": score(rows),

@@ -1,7 +1,7 @@
 """Procedural video clips with captions: one coloured shape moving over a simple background.
 
 A clip is described by a `ClipSpec` (colour, shape, direction, background, speed, size, start)
-drawn from a seeded numpy Generator, and rendered by `render_clip` to uint8 [T, H, W, 3] with
+drawn from a seeded numpy Generator (object size and travel from a `Layout`), and rendered by `render_clip` to uint8 [T, H, W, 3] with
 anti-aliased edges (signed-distance coverage). Captions come from `caption_for`: the canonical
 form "a {colour} {shape} moving {direction}" or one of several paraphrases.
 
@@ -29,6 +29,25 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 BACKGROUNDS = ("dark", "light", "gradient")
 SPEEDS = ("slow", "normal", "fast")
+
+@dataclass(frozen=True)
+class Layout:
+    """How large the object is and how far it travels (both at 128x128; they scale with the size).
+
+    At 16 pixels per latent cell an outline is drawn by the few cells it crosses: with radius
+    16-23 (2-3 cells across) the small VAE's round trip keeps so little of the corners that
+    squares and triangles read as blobs; at 28-34 (4 cells) the same VAE keeps them. The travel
+    shrinks so that the bigger object's whole path stays inside the frame.
+    """
+
+    radius: tuple[float, float] = (28.0, 34.0)  # pixels at 128x128
+    travel: float = 0.7  # scales each speed's travel distance (fraction of the frame side)
+
+
+# What the built-in model draws now (the default everywhere), and the smaller objects its first
+# recipe stages (VAE, decoder, DiT cycles 1-4) were trained on.
+LAYOUT = Layout()
+SMALL_OBJECTS = Layout(radius=(16.0, 23.0), travel=1.0)
 
 # Unit motion vectors in image coordinates (x to the right, y downwards).
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -103,8 +122,9 @@ def _background(kind: str, rng: np.random.Generator) -> tuple[tuple[int, int, in
 
 
 def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = None,
-                combos: list[tuple[str, str, str]] | None = None) -> ClipSpec:
-    """Draw a clip description; `combo` fixes (colour, shape, direction), else one of `combos`."""
+                combos: list[tuple[str, str, str]] | None = None, layout: Layout = LAYOUT) -> ClipSpec:
+    """Draw a clip description; `combo` fixes (colour, shape, direction), else one of `combos`.
+    Every layout draws the same random numbers in the same order."""
     if combo is None:
         pool = combos if combos is not None else train_combos()
         combo = pool[int(rng.integers(0, len(pool)))]
@@ -114,9 +134,8 @@ def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = N
     background = kinds[int(rng.integers(0, len(kinds)))]
     speed = SPEEDS[int(rng.choice(3, p=[0.2, 0.6, 0.2]))]
     distance = {"slow": (0.2, 0.26), "normal": (0.3, 0.4), "fast": (0.42, 0.48)}[speed]
-    dist = float(rng.uniform(*distance))
-    # large objects: at 16 pixels per latent cell a shape needs 2-3 cells to keep its outline
-    radius = float(rng.uniform(16.0, 23.0))
+    dist = float(rng.uniform(*distance)) * layout.travel
+    radius = float(rng.uniform(*layout.radius))
     margin = (1.3 * radius + 2.0) / 128.0  # the triangle reaches 1.35 r above its centre
     dx, dy = DIRECTION_VECTORS[direction]
     # along the motion axis the whole path must stay inside the frame
@@ -262,8 +281,9 @@ def clip_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def make_clip(seed: int, index: int, size: int = 128, frames: int = 17,
-              combos: list[tuple[str, str, str]] | None = None) -> tuple[np.ndarray, str, ClipSpec]:
+              combos: list[tuple[str, str, str]] | None = None,
+              layout: Layout = LAYOUT) -> tuple[np.ndarray, str, ClipSpec]:
     """Clip `index` of the dataset `seed`: (video uint8 [T,H,W,3], caption, spec)."""
     rng = clip_rng(seed, index)
-    spec = sample_spec(rng, combos=combos)
+    spec = sample_spec(rng, combos=combos, layout=layout)
     return render_clip(spec, size, frames), caption_for(spec, rng), spec

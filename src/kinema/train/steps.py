@@ -10,8 +10,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .data import Layout
 from .recipe import Recipe
-from .trainer import Trainer
+from .trainer import LossFn, Trainer
 
 Log = Callable[[str], None]
 
@@ -47,15 +48,15 @@ def train_vae(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     torch.manual_seed(recipe.seed)
     vae = init_for_training(WanVAE(recipe.vae.vae_config()))
     log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
-    trainer = Trainer(vae, make_vae_loss_fn(vae, recipe.vae, recipe.seed), recipe.vae_optim,
+    trainer = Trainer(vae, make_vae_loss_fn(vae, recipe.vae, recipe.seed, recipe.layout), recipe.vae_optim,
                       checkpoint=work / "vae_ckpt.pt", name="vae", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
     vae.load_state_dict(trainer.ema_state())
     vae.eval()
     # latent statistics on full-size clips, folded into conv1/conv2
-    clips = [make_clip(recipe.seed + 2000, i, recipe.size, recipe.frames, combos=train_combos())[0]
-             for i in range(8)]
+    clips = [make_clip(recipe.seed + 2000, i, recipe.size, recipe.frames, combos=train_combos(),
+                       layout=recipe.layout)[0] for i in range(8)]
     mean, std = latent_stats(vae, clips_to_tensor(clips))
     fold_latent_stats(vae, mean, std)
     torch.save(vae.state_dict(), final)
@@ -72,23 +73,57 @@ def load_trained_vae(work: Path, recipe: Recipe):
     return vae.eval().requires_grad_(False)
 
 
-def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Path:
-    """Encode `recipe.num_clips` training clips once (fp16 latents + their clip specs)."""
+def latent_layouts(recipe: Recipe) -> list[Layout]:
+    """Every clip layout a recipe step trains on, the recipe's own first."""
+    layouts = [recipe.layout]
+    for cycle in (*recipe.decoder_more, *recipe.dit_more):
+        if cycle.layout is not None and cycle.layout not in layouts:
+            layouts.append(cycle.layout)
+    return layouts
+
+
+def latents_path(work: Path, recipe: Recipe, layout: Layout) -> Path:
+    if layout == recipe.layout:
+        return work / "latents.pt"
+    lo, hi = layout.radius
+    return work / f"latents_r{lo:g}-{hi:g}_t{layout.travel:g}.pt"
+
+
+def _latent_loader(work: Path, recipe: Recipe, log: Log) -> Callable[[Layout], dict]:
+    """Loads each latent set ({"latents", "specs"}) once per recipe step."""
+    cache: dict[Layout, dict] = {}
+
+    def load(layout: Layout) -> dict:
+        if layout not in cache:
+            path = latents_path(work, recipe, layout)
+            cache[layout] = torch.load(path, map_location="cpu", weights_only=True)
+            log(f"{cache[layout]['latents'].shape[0]} clips from {path.name}")
+        return cache[layout]
+    return load
+
+
+def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> list[Path]:
+    """The latent set of every layout the recipe trains on (see `encode_latent_set`)."""
+    return [encode_latent_set(work, recipe, layout, log, progress) for layout in latent_layouts(recipe)]
+
+
+def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
+    """Encode `recipe.num_clips` training clips of `layout` once (fp16 latents + their clip specs)."""
     from tqdm import tqdm
 
     from .data import make_clip, train_combos
     from .vae_train import clips_to_tensor
 
-    final = work / "latents.pt"
+    final = latents_path(work, recipe, layout)
     if final.is_file():
-        log("latents exist, skipped")
+        log(f"{final.name} exists, skipped")
         return final
     vae = load_trained_vae(work, recipe)
     combos = train_combos()
     latents, specs = [], []
     batch = 4
     for start in tqdm(range(0, recipe.num_clips, batch), desc="latents", disable=not progress, mininterval=5.0):
-        items = [make_clip(recipe.seed + 3000, i, recipe.size, recipe.frames, combos=combos)
+        items = [make_clip(recipe.seed + 3000, i, recipe.size, recipe.frames, combos=combos, layout=layout)
                  for i in range(start, min(start + batch, recipe.num_clips))]
         with torch.no_grad():
             z = vae.encode(clips_to_tensor([v for v, _, _ in items]))
@@ -96,8 +131,10 @@ def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) 
         specs += [s for _, _, s in items]
     z = torch.cat(latents)
     spec_rows = [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
-    torch.save({"latents": z, "specs": spec_rows}, final)
-    log(f"latents: {tuple(z.shape)}, mean {float(z.float().mean()):.3f} std {float(z.float().std()):.3f}")
+    tmp = final.with_suffix(".tmp")
+    torch.save({"latents": z, "specs": spec_rows}, tmp)
+    tmp.replace(final)
+    log(f"{final.name}: {tuple(z.shape)}, mean {float(z.float().mean()):.3f} std {float(z.float().std()):.3f}")
     return final
 
 
@@ -109,6 +146,18 @@ def build_dit_and_text(recipe: Recipe, vocab: int):
     dit = WanModel(recipe.dit.dit_config(recipe.vae.z_dim))
     t5 = T5Encoder(recipe.dit.t5_config(vocab))
     return DiTWithText(dit, t5)
+
+
+def _built_at_first_call(make: Callable[[], LossFn]) -> LossFn:
+    """A loss function built (and its latent set loaded) at its first call only: resuming a
+    finished cycle loads no data."""
+    built: list[LossFn] = []
+
+    def loss_fn(step: int, gen: torch.Generator):
+        if not built:
+            built.append(make())
+        return built[0](step, gen)
+    return loss_fn
 
 
 def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, specs: list[list[str]],
@@ -153,14 +202,20 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
         log("dit exists, skipped")
         return final
     tokenizer = UMT5Tokenizer.from_dir(work / "tokenizer")
-    data = torch.load(work / "latents.pt", map_location="cpu", weights_only=True)
     torch.manual_seed(recipe.seed)
     model = build_dit_and_text(recipe, tokenizer.vocab_size)
     log(f"dit: {sum(p.numel() for p in model.dit.parameters()) / 1e6:.2f}M + text "
-        f"{sum(p.numel() for p in model.t5.parameters()) / 1e6:.2f}M parameters; "
-        f"{data['latents'].shape[0]} clips")
-    lat, clip_specs = data["latents"], data["specs"]
-    loss_fn = make_dit_loss_fn(model, recipe.dit, recipe.seed, tokenizer, lat, clip_specs)
+        f"{sum(p.numel() for p in model.t5.parameters()) / 1e6:.2f}M parameters")
+
+    latent_set = _latent_loader(work, recipe, log)
+
+    def loss_fn_of(spec, layout: Layout, cycle: int) -> LossFn:
+        def make() -> LossFn:
+            data = latent_set(layout)
+            return make_dit_loss_fn(model, spec, recipe.seed, tokenizer, data["latents"], data["specs"], cycle)
+        return _built_at_first_call(make)
+
+    loss_fn = loss_fn_of(recipe.dit, recipe.layout, 1)
     trainer = Trainer(model, loss_fn, recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
@@ -168,7 +223,7 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     for n, cycle in enumerate(recipe.dit_more, start=2):
         previous = trainer
         spec = replace(recipe.dit, p_image=cycle.p_image, image_batch=cycle.image_batch)
-        trainer = Trainer(model, make_dit_loss_fn(model, spec, recipe.seed, tokenizer, lat, clip_specs, n),
+        trainer = Trainer(model, loss_fn_of(spec, cycle.layout or recipe.layout, n),
                           cycle.optim, checkpoint=work / f"dit_ckpt{n}.pt", name=f"dit{n}", log=log)
         if not trainer.maybe_resume():
             trainer.warm_start(previous.state_dict())
@@ -246,10 +301,16 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     vae.requires_grad_(False)
     vae.conv2.requires_grad_(True)
     vae.decoder.requires_grad_(True)
-    data = torch.load(work / "latents.pt", map_location="cpu", weights_only=True)
-    loss_fn = make_decoder_loss_fn(vae, recipe.decoder, data["latents"], recipe.seed, recipe.seed + 3000,
-                                   recipe.size, recipe.frames)
-    trainer = Trainer(vae, loss_fn,
+    latent_set = _latent_loader(work, recipe, log)
+
+    def loss_fn_of(vae, spec, layout: Layout, cycle: int) -> LossFn:
+        def make() -> LossFn:
+            latents = latent_set(layout)["latents"]
+            return make_decoder_loss_fn(vae, spec, latents, recipe.seed, recipe.seed + 3000, recipe.size,
+                                        recipe.frames, cycle=cycle, layout=layout)
+        return _built_at_first_call(make)
+
+    trainer = Trainer(vae, loss_fn_of(vae, recipe.decoder, recipe.layout, 1),
                       recipe.decoder_optim, checkpoint=work / "decoder_ckpt.pt", name="decoder", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
@@ -268,10 +329,8 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
             vae.decoder.requires_grad_(True)
             log(f"decoder: widened to dec_dim {cycle.dec_dim} "
                 f"({sum(p.numel() for p in vae.decoder.parameters()) / 1e6:.1f}M parameters)")
-        loss_fn = make_decoder_loss_fn(vae, cycle.spec, data["latents"], recipe.seed, recipe.seed + 3000,
-                                       recipe.size, recipe.frames, cycle=n)
-        trainer = Trainer(vae, loss_fn, cycle.optim, checkpoint=work / f"decoder_ckpt{n}.pt",
-                          name=f"decoder{n}", log=log)
+        trainer = Trainer(vae, loss_fn_of(vae, cycle.spec, cycle.layout or recipe.layout, n), cycle.optim,
+                          checkpoint=work / f"decoder_ckpt{n}.pt", name=f"decoder{n}", log=log)
         # a widened decoder starts a fresh optimizer (the old moments have the old shapes)
         if not trainer.maybe_resume() and not widen:
             trainer.warm_start(previous.state_dict())

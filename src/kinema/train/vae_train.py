@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
 from ..models.vae import WanVAE
-from .data import make_clip, train_combos
+from .data import LAYOUT, Layout, make_clip, train_combos
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def clips_to_tensor(clips: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(arr).permute(0, 4, 1, 2, 3).contiguous()
 
 
-def vae_batch(spec: VAETrainSpec, seed: int, step: int) -> Tensor:
+def vae_batch(spec: VAETrainSpec, seed: int, step: int, layout: Layout = LAYOUT) -> Tensor:
     """Training batch of `step`: random windows of procedural clips, cropped around the object."""
     rng = np.random.default_rng([seed, 7, step])
     full = spec.full_from is not None and step >= spec.full_from
     batch = spec.full_batch if full else spec.batch
     clips = []
     for j in range(batch):
-        video, _, clip = make_clip(seed + 1000, step * spec.batch + j, combos=train_combos())
+        video, _, clip = make_clip(seed + 1000, step * spec.batch + j, combos=train_combos(), layout=layout)
         t0 = int(rng.integers(0, video.shape[0] - spec.frames + 1))
         video = video[t0:t0 + spec.frames]
         size = video.shape[1]
@@ -153,9 +153,9 @@ def vae_loss(vae: WanVAE, spec: VAETrainSpec, video: Tensor, gen: torch.Generato
     return rec + spec.l2_weight * l2, {**stats, "l2": float(l2.detach())}
 
 
-def make_vae_loss_fn(vae: WanVAE, spec: VAETrainSpec, seed: int):
+def make_vae_loss_fn(vae: WanVAE, spec: VAETrainSpec, seed: int, layout: Layout = LAYOUT):
     def loss_fn(step: int, gen: torch.Generator):
-        return vae_loss(vae, spec, vae_batch(spec, seed, step), gen)
+        return vae_loss(vae, spec, vae_batch(spec, seed, step, layout), gen)
     return loss_fn
 
 
@@ -204,12 +204,12 @@ class DecoderTuneSpec:
 
 
 def decoder_batch(spec: DecoderTuneSpec, latents: Tensor, seed: int, clip_seed: int, step: int,
-                  size: int, frames: int, stride: int) -> tuple[Tensor, Tensor]:
+                  size: int, frames: int, stride: int, layout: Layout = LAYOUT) -> tuple[Tensor, Tensor]:
     """(normalized latent crop, matching video crop) from the stored training latents: the
     clips are re-rendered (they are a pure function of their index) instead of re-encoded."""
     rng = np.random.default_rng([seed, 13, step])
     idx = rng.integers(0, latents.shape[0], size=spec.batch)
-    clips = [make_clip(clip_seed, int(i), size, frames, combos=train_combos())[0] for i in idx]
+    clips = [make_clip(clip_seed, int(i), size, frames, combos=train_combos(), layout=layout)[0] for i in idx]
     video = clips_to_tensor(clips)
     z = latents[torch.from_numpy(idx)].float()
     n = z.shape[-1]
@@ -229,11 +229,12 @@ def decode_normalized(vae: WanVAE, z: Tensor) -> Tensor:
 
 
 def make_decoder_loss_fn(vae: WanVAE, spec: DecoderTuneSpec, latents: Tensor, seed: int, clip_seed: int,
-                         size: int, frames: int, cycle: int = 1):
+                         size: int, frames: int, cycle: int = 1, layout: Layout = LAYOUT):
     def loss_fn(step: int, gen: torch.Generator):
         # every cycle draws its own batches; cycle 1 keeps the stream of the original run
         batch_seed = seed if cycle == 1 else seed + 7919 * cycle
-        z, video = decoder_batch(spec, latents, batch_seed, clip_seed, step, size, frames, vae.cfg.spatial_stride)
+        z, video = decoder_batch(spec, latents, batch_seed, clip_seed, step, size, frames, vae.cfg.spatial_stride,
+                                 layout)
         z = z + spec.latent_noise * torch.randn(z.shape, generator=gen)
         recon = decode_normalized(vae, z).float()  # float32 loss under bf16 autocast
         return reconstruction_loss(recon, video, spec.fg_weight, spec.grad_weight)
