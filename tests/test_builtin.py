@@ -24,7 +24,7 @@ def test_scorer_is_right_on_ground_truth_clips():
 
 def test_template_reading_tolerates_soft_corners():
     from kinema.evaluate import template_ious
-    from kinema.train.data import _coverage
+    from kinema.train.data import shape_coverage
 
     g = np.arange(128) + 0.5
     gx, gy = g[None, :], g[:, None]
@@ -32,7 +32,7 @@ def test_template_reading_tolerates_soft_corners():
     sd = np.maximum(np.abs(gx - 64) - 20, 0) ** 2 + np.maximum(np.abs(gy - 60) - 20, 0) ** 2
     rounded = np.sqrt(sd) <= 8
     ellipse = ((gx - 64) / 30) ** 2 + ((gy - 60) / 26) ** 2 <= 1
-    triangle = _coverage("triangle", gx, gy, 64, 64, 30) >= 0.5
+    triangle = shape_coverage("triangle", gx, gy, 64, 64, 30) >= 0.5
     for mask, want in ((rounded, "square"), (ellipse, "circle"), (triangle, "triangle")):
         ious = template_ious(mask)
         assert max(ious, key=ious.get) == want, (want, ious)

@@ -26,8 +26,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .train.data import Layout
 
 # Hue (degrees) of each chromatic colour word; white is decided by saturation/brightness.
 _HUES = {"red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 125.0, "blue": 222.0, "purple": 280.0}
@@ -118,19 +122,19 @@ def template_ious(mask: np.ndarray) -> dict[str, float]:
     """IoU of a blob with an ideal circle, axis-aligned square and upward equilateral triangle of
     the same area, centred on the blob's centroid (the centroid of each of the three shapes is
     its centre)."""
-    from .train.data import _coverage
+    from .train.data import shape_coverage
 
     ys, xs = np.nonzero(mask)
     area, cx, cy = float(len(xs)), xs.mean() + 0.5, ys.mean() + 0.5
     h, w = mask.shape
     gx, gy = np.arange(w)[None, :] + 0.5, np.arange(h)[:, None] + 0.5
-    # `_coverage`'s size parameter r per shape for that area: circle pi r^2, square (2 * 0.88 r)^2,
+    # `shape_coverage`'s size parameter r per shape for that area: circle pi r^2, square (2 * 0.88 r)^2,
     # triangle 3 sqrt(3) a^2 with inradius a = 0.675 r
     sizes = {"circle": np.sqrt(area / np.pi), "square": np.sqrt(area) / 1.76,
              "triangle": np.sqrt(area / (3 * np.sqrt(3))) / 0.675}
     out = {}
     for shape, r in sizes.items():
-        ideal = _coverage(shape, gx, gy, cx, cy, r) >= 0.5
+        ideal = shape_coverage(shape, gx, gy, cx, cy, r) >= 0.5
         out[shape] = float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
     return out
 
@@ -278,7 +282,8 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
 
 
 def vae_round_trip(vae, repeats: int = 2, seed: int = 5,
-                   combos: list[tuple[str, str, str]] | None = None, layout=None) -> dict:
+                   combos: list[tuple[str, str, str]] | None = None,
+                   layout: Layout | None = None) -> dict:
     """Score a VAE's own round trip (encode + decode) of procedural held-out clips.
 
     This is the ceiling of any model that draws through this VAE: a perfect DiT cannot score

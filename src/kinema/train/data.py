@@ -156,7 +156,7 @@ def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = N
 # rendering
 
 
-def _coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] from a signed distance (negative inside), 1 px ramp."""
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
@@ -195,7 +195,7 @@ def render_clip(spec: ClipSpec, size: int = 128, frames: int = 17) -> np.ndarray
         f = i / max(frames - 1, 1)
         cx = (spec.start[0] + dx * spec.distance * f) * size
         cy = (spec.start[1] + dy * spec.distance * f) * size
-        cov = _coverage(spec.shape, xs, ys, cx, cy, spec.radius * s)[..., None]
+        cov = shape_coverage(spec.shape, xs, ys, cx, cy, spec.radius * s)[..., None]
         out[i] = np.clip(bg * (1 - cov) + obj * cov + 0.5, 0, 255).astype(np.uint8)
     return out
 
