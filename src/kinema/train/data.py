@@ -1,9 +1,10 @@
 """Procedural video clips with captions: one coloured shape moving over a simple background.
 
 A clip is described by a `ClipSpec` (colour, shape, direction, background, speed, size, start)
-drawn from a seeded numpy Generator (object size and travel from a `Layout`), and rendered by `render_clip` to uint8 [T, H, W, 3] with
-anti-aliased edges (signed-distance coverage). Captions come from `caption_for`: the canonical
-form "a {colour} {shape} moving {direction}" or one of several paraphrases.
+drawn from a seeded numpy Generator (object size and travel from a `Layout`), and rendered by
+`render_clip` to uint8 [T, H, W, 3] with anti-aliased edges (signed-distance coverage).
+Captions come from `caption_for`: the canonical form "a {colour} {shape} moving {direction}"
+or one of several paraphrases.
 
 `HELD_OUT` lists the (colour, shape, direction) combinations that never appear in training;
 they are the evaluation set.
@@ -29,6 +30,7 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 BACKGROUNDS = ("dark", "light", "gradient")
 SPEEDS = ("slow", "normal", "fast")
+
 
 @dataclass(frozen=True)
 class Layout:
