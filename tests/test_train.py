@@ -181,6 +181,28 @@ def test_short_training_reduces_the_flow_loss():
     assert after < 0.8 * before
 
 
+def test_shape_pairs_share_noise_and_weight_their_difference():
+    from kinema.train.dit_train import DiTTrainSpec, pair_loss
+
+    class Zero(torch.nn.Module):  # predicts 0 everywhere, so the loss terms are the targets'
+        cfg = type("Cfg", (), {"patch_size": (1, 2, 2)})
+
+        def forward(self, x, t, context):
+            return torch.zeros_like(x)
+
+    model = type("M", (), {"dit": Zero(), "encode_text": lambda self, ids, mask: []})()
+    spec = DiTTrainSpec(pair_weight=3.0)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 8, 1, 4, 4, generator=g)
+    ids, mask = torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long)
+    loss, logs = pair_loss(model, spec, a, b, ids, mask, torch.Generator().manual_seed(1))
+    # the same noise: the two targets differ by the clean latents only
+    assert logs["pair_diff"] == pytest.approx(float((a - b).square().mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(logs["pair_fit"] + 3.0 * logs["pair_diff"], rel=1e-5)
+    same, logs = pair_loss(model, spec, a, a, ids, mask, torch.Generator().manual_seed(1))
+    assert logs["pair_diff"] == 0.0 and float(same) == pytest.approx(logs["pair_fit"])
+
+
 def test_checkpoint_resume_reproduces_the_same_run(tmp_path):
     cfg = OptimConfig(steps=6, lr=1e-3, warmup=2, checkpoint_every=3, ema_decay=0.9)
     model, loss_fn, _ = _tiny_dit_setup()
@@ -279,12 +301,24 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert "[dit4] step 2/2" in text and "8 clips from latents_r28-34_t0.7.pt" in text.split("[dit4]")[0]
     assert (tmp_path / "work" / "latents.pt").is_file() and (tmp_path / "work" / "latents_r28-34_t0.7.pt").is_file()
     assert "8 clips from latents_r28-34_t0.7.pt" in text.split("[decoder3]")[0]  # the decoder's too
+    # the shape-pair cycle: frame 0 of the same clips as every shape, held-out captions masked
+    assert "[dit5] step 2/2" in text and "8 scenes x 3 shapes from shapes_r28-34_t0.7.pt" in text
+    shapes = torch.load(tmp_path / "work" / "shapes_r28-34_t0.7.pt", weights_only=True)
+    clips = torch.load(tmp_path / "work" / "latents_r28-34_t0.7.pt", weights_only=True)
+    assert shapes["specs"] == clips["specs"]
+    held = set(HELD_OUT)
+    for i, (colour, shape, direction, _, _) in enumerate(shapes["specs"]):
+        k = shapes["shapes"].index(shape)
+        torch.testing.assert_close(shapes["latents"][i, k].float(), clips["latents"][i, :, :1].float(),
+                                   rtol=0, atol=2e-3)  # fp16 storage of one encoding
+        assert [bool(v) for v in shapes["valid"][i]] == [(colour, s, direction) not in held
+                                                         for s in shapes["shapes"]]
     # resuming finished cycles loads no latent set
     (tmp_path / "work" / "dit.pt").unlink()
     before = len(log.read_text())
     run_recipe(tmp_path / "work", tiny_recipe(), steps=("dit",), progress=False, threads=None)
     rerun = log.read_text()[before:]
-    assert "[dit4] resumed at step 2" in rerun and "clips from" not in rerun
+    assert "[dit5] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
     assert (tmp_path / "work" / "dit.pt").is_file()
     # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()

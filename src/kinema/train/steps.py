@@ -89,6 +89,21 @@ def latents_path(work: Path, recipe: Recipe, layout: Layout) -> Path:
     return work / f"latents_r{lo:g}-{hi:g}_t{layout.travel:g}.pt"
 
 
+def shapes_path(work: Path, layout: Layout) -> Path:
+    lo, hi = layout.radius
+    return work / f"shapes_r{lo:g}-{hi:g}_t{layout.travel:g}.pt"
+
+
+def shape_layouts(recipe: Recipe) -> list[Layout]:
+    """The layouts of the DiT cycles that train on shape pairs."""
+    layouts: list[Layout] = []
+    for cycle in recipe.dit_more:
+        layout = cycle.layout or recipe.layout
+        if cycle.pair_batch and layout not in layouts:
+            layouts.append(layout)
+    return layouts
+
+
 def _latent_loader(work: Path, recipe: Recipe, log: Log) -> Callable[[Layout], dict]:
     """Loads each latent set ({"latents", "specs"}) once per recipe step."""
     cache: dict[Layout, dict] = {}
@@ -103,8 +118,10 @@ def _latent_loader(work: Path, recipe: Recipe, log: Log) -> Callable[[Layout], d
 
 
 def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> list[Path]:
-    """The latent set of every layout the recipe trains on (see `encode_latent_set`)."""
-    return [encode_latent_set(work, recipe, layout, log, progress) for layout in latent_layouts(recipe)]
+    """The latent set of every layout the recipe trains on (see `encode_latent_set`), and the
+    shape set of every layout a cycle takes shape pairs from (`encode_shape_set`)."""
+    return ([encode_latent_set(work, recipe, layout, log, progress) for layout in latent_layouts(recipe)]
+            + [encode_shape_set(work, recipe, layout, log, progress) for layout in shape_layouts(recipe)])
 
 
 def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
@@ -138,6 +155,41 @@ def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, prog
     return final
 
 
+def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
+    """Frame 0 of each clip of the latent set (same specs), drawn as every shape and encoded:
+    latents [N, shapes, z, 1, h, w] fp16 and `valid` [N, shapes], false where the caption
+    (colour, shape, direction) is a held-out combination, which training must never show."""
+    from tqdm import tqdm
+
+    from .data import SHAPES, clip_rng, render_clip, sample_spec, train_combos
+    from .vae_train import clips_to_tensor
+
+    final = shapes_path(work, layout)
+    if final.is_file():
+        log(f"{final.name} exists, skipped")
+        return final
+    vae = load_trained_vae(work, recipe)
+    combos = train_combos()
+    allowed = set(combos)
+    latents, valid, rows = [], [], []
+    batch = 16
+    for start in tqdm(range(0, recipe.num_clips, batch), desc="shapes", disable=not progress, mininterval=5.0):
+        specs = [sample_spec(clip_rng(recipe.seed + 3000, i), combos=combos, layout=layout)
+                 for i in range(start, min(start + batch, recipe.num_clips))]
+        images = [render_clip(replace(spec, shape=shape), recipe.size, 1) for spec in specs for shape in SHAPES]
+        with torch.no_grad():
+            z = vae.encode(clips_to_tensor(images))  # [B * shapes, z, 1, h, w]
+        latents.append(z.half().unflatten(0, (len(specs), len(SHAPES))))
+        valid += [[(s.colour, shape, s.direction) in allowed for shape in SHAPES] for s in specs]
+        rows += [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
+    z = torch.cat(latents)
+    tmp = final.with_suffix(".tmp")
+    torch.save({"latents": z, "valid": torch.tensor(valid), "specs": rows, "shapes": list(SHAPES)}, tmp)
+    tmp.replace(final)
+    log(f"{final.name}: {tuple(z.shape)}, {int(torch.tensor(valid).sum())} valid images")
+    return final
+
+
 def build_dit_and_text(recipe: Recipe, vocab: int):
     from ..models.dit import WanModel
     from ..models.t5 import T5Encoder
@@ -161,35 +213,66 @@ def _built_at_first_call(make: Callable[[], LossFn]) -> LossFn:
 
 
 def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, specs: list[list[str]],
-                     cycle: int = 1):
+                     cycle: int = 1, shapes: dict | None = None):
     """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases
-    (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples."""
+    (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples
+    and `spec.pair_batch` shape pairs from the shape set `shapes` (`encode_shape_set`)."""
     from .data import ClipSpec, caption_for
-    from .dit_train import flow_loss
+    from .dit_train import flow_loss, pair_loss
 
+    if spec.pair_batch and shapes is None:
+        raise ValueError("pair_batch needs a shape set (encode_shape_set)")
     image_spec = replace(spec, p_image=0.0)
+
+    def tokens(captions: list[str]):
+        ids, mask = tokenizer(captions, max_length=spec.text_len)
+        longest = int(mask.sum(dim=1).max())
+        return ids[:, :longest], mask[:, :longest]
+
+    def caption(row: list[str], rng: np.random.Generator, shape: str | None = None) -> str:
+        c, s, d, bg, sp = row
+        clip = ClipSpec(c, shape or s, d, bg, sp, (0, 0, 0), ((0, 0, 0), (0, 0, 0), False), 0.0, (0.0, 0.0), 0.0)
+        return caption_for(clip, rng)
 
     def batch(rng: np.random.Generator, n: int, frames: int | None):
         idx = rng.integers(0, latents.shape[0], size=n)
-        captions = []
-        for i in idx:
-            c, s, d, bg, sp = specs[int(i)]
-            clip = ClipSpec(c, s, d, bg, sp, (0, 0, 0), ((0, 0, 0), (0, 0, 0), False), 0.0, (0.0, 0.0), 0.0)
-            captions.append(caption_for(clip, rng))
-        ids, mask = tokenizer(captions, max_length=spec.text_len)
-        longest = int(mask.sum(dim=1).max())
+        captions = [caption(specs[int(i)], rng) for i in idx]
         z = latents[torch.from_numpy(idx)]
         if frames is not None:
             z = z[:, :, :frames]
-        return z.float(), ids[:, :longest], mask[:, :longest]
+        return (z.float(), *tokens(captions))
+
+    pairable = None if shapes is None else torch.nonzero(shapes["valid"].sum(1) >= 2)[:, 0].numpy()
+
+    def pairs(rng: np.random.Generator, n: int):
+        # scene i as shapes a != b (both captions allowed), captions of one paraphrase draw
+        idx = rng.choice(pairable, size=n)
+        a, b, captions_a, captions_b = [], [], [], []
+        for i in idx:
+            ka, kb = rng.choice(np.flatnonzero(shapes["valid"][i].numpy()), size=2, replace=False)
+            draw = int(rng.integers(0, 2**31))
+            a.append(int(ka))
+            b.append(int(kb))
+            captions_a.append(caption(shapes["specs"][i], np.random.default_rng(draw), shapes["shapes"][ka]))
+            captions_b.append(caption(shapes["specs"][i], np.random.default_rng(draw), shapes["shapes"][kb]))
+        rows = torch.from_numpy(idx)
+        z = shapes["latents"]
+        return (z[rows, torch.tensor(a)].float(), z[rows, torch.tensor(b)].float(),
+                *tokens(captions_a + captions_b))
 
     def loss_fn(step: int, gen: torch.Generator):
         rng = np.random.default_rng([seed, 11, step] if cycle == 1 else [seed, 11, cycle, step])
         loss, logs = flow_loss(model, spec, *batch(rng, spec.batch, None), gen)
+        if spec.image_batch or spec.pair_batch:
+            logs = {"video": float(loss.detach())}
         if spec.image_batch:
             image_loss, _ = flow_loss(model, image_spec, *batch(rng, spec.image_batch, 1), gen)
-            logs = {"video": float(loss.detach()), "image": float(image_loss.detach())}
+            logs["image"] = float(image_loss.detach())
             loss = loss + image_loss
+        if spec.pair_batch:
+            extra_loss, extra = pair_loss(model, spec, *pairs(rng, spec.pair_batch), gen)
+            logs.update(extra)
+            loss = loss + extra_loss
         return loss, logs
     return loss_fn
 
@@ -212,7 +295,13 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     def loss_fn_of(spec, layout: Layout, cycle: int) -> LossFn:
         def make() -> LossFn:
             data = latent_set(layout)
-            return make_dit_loss_fn(model, spec, recipe.seed, tokenizer, data["latents"], data["specs"], cycle)
+            shapes = None
+            if spec.pair_batch:
+                path = shapes_path(work, layout)
+                shapes = torch.load(path, map_location="cpu", weights_only=True)
+                log(f"{shapes['latents'].shape[0]} scenes x {len(shapes['shapes'])} shapes from {path.name}")
+            return make_dit_loss_fn(model, spec, recipe.seed, tokenizer, data["latents"], data["specs"], cycle,
+                                    shapes)
         return _built_at_first_call(make)
 
     loss_fn = loss_fn_of(recipe.dit, recipe.layout, 1)
@@ -222,7 +311,8 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     log(f"dit: cycle 1 final loss {np.mean(trainer.history[-100:]):.5f}")
     for n, cycle in enumerate(recipe.dit_more, start=2):
         previous = trainer
-        spec = replace(recipe.dit, p_image=cycle.p_image, image_batch=cycle.image_batch)
+        spec = replace(recipe.dit, p_image=cycle.p_image, image_batch=cycle.image_batch,
+                       pair_batch=cycle.pair_batch, pair_weight=cycle.pair_weight)
         trainer = Trainer(model, loss_fn_of(spec, cycle.layout or recipe.layout, n),
                           cycle.optim, checkpoint=work / f"dit_ckpt{n}.pt", name=f"dit{n}", log=log)
         if not trainer.maybe_resume():

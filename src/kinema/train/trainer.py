@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +74,7 @@ class Trainer:
         self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.step = 0
         self.history: list[float] = []
+        self._parts: list[dict[str, float]] = []  # the loss parts since the last log line
 
     # -- state ----------------------------------------------------------------------------
 
@@ -149,7 +151,16 @@ class Trainer:
         self.step += 1
         value = float(loss.detach())
         self.history.append(value)
+        self._parts.append(logs)
         return value
+
+    def _mean_parts(self) -> str:
+        """The loss function's named parts (its `logs`) averaged since the last log line."""
+        recent = [p for p in self._parts[-self.cfg.log_every:] if p]
+        self._parts.clear()
+        if not recent:
+            return ""
+        return " (" + ", ".join(f"{k} {np.mean([p[k] for p in recent if k in p]):.4f}" for k in recent[0]) + ")"
 
     def run(self, until: int | None = None, progress: bool = True) -> list[float]:
         """Train up to step `until` (default: cfg.steps), checkpointing on the way."""
@@ -165,7 +176,7 @@ class Trainer:
                 recent = self.history[-self.cfg.log_every:]
                 avg = sum(recent) / len(recent)
                 bar.set_postfix(loss=f"{avg:.4f}")
-                self.log(f"[{self.name}] step {self.step}/{end} loss {avg:.5f} "
+                self.log(f"[{self.name}] step {self.step}/{end} loss {avg:.5f}{self._mean_parts()} "
                          f"lr {lr_at(self.cfg, self.step - 1):.2e} {time.time() - start:.0f}s")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                 self.save()
