@@ -303,6 +303,8 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert "8 clips from latents_r28-34_t0.7.pt" in text.split("[decoder3]")[0]  # the decoder's too
     # the shape-pair cycle: frame 0 of the same clips as every shape, held-out captions masked
     assert "[dit5] step 2/2" in text and "8 scenes x 3 shapes from shapes_r28-34_t0.7.pt" in text
+    # the log lines carry the loss's named parts
+    assert "[dit5] step 2/2 loss" in text and "pair_diff" in text.split("[dit5] step 2/2")[1].splitlines()[0]
     shapes = torch.load(tmp_path / "work" / "shapes_r28-34_t0.7.pt", weights_only=True)
     clips = torch.load(tmp_path / "work" / "latents_r28-34_t0.7.pt", weights_only=True)
     assert shapes["specs"] == clips["specs"]

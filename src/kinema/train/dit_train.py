@@ -129,8 +129,7 @@ def pair_loss(model: DiTWithText, spec: DiTTrainSpec, latents_a: Tensor, latents
     the error and a model can draw both the same (as the built-in model did); the extra term,
     `spec.pair_weight` x the squared error of the predicted difference, weights that share up.
     """
-    n = latents_a.shape[0]
-    _, _, f, h, w = latents_a.shape
+    n, _, f, h, w = latents_a.shape
     p = model.dit.cfg.patch_size
     tokens = (f // p[0]) * (h // p[1]) * (w // p[2])
     sigma = shift_sigma(torch.rand(n, generator=gen), spec.shift).repeat(2)  # [2P]

@@ -82,16 +82,19 @@ def latent_layouts(recipe: Recipe) -> list[Layout]:
     return layouts
 
 
+def _layout_tag(layout: Layout) -> str:
+    lo, hi = layout.radius
+    return f"r{lo:g}-{hi:g}_t{layout.travel:g}"
+
+
 def latents_path(work: Path, recipe: Recipe, layout: Layout) -> Path:
     if layout == recipe.layout:
         return work / "latents.pt"
-    lo, hi = layout.radius
-    return work / f"latents_r{lo:g}-{hi:g}_t{layout.travel:g}.pt"
+    return work / f"latents_{_layout_tag(layout)}.pt"
 
 
 def shapes_path(work: Path, layout: Layout) -> Path:
-    lo, hi = layout.radius
-    return work / f"shapes_r{lo:g}-{hi:g}_t{layout.travel:g}.pt"
+    return work / f"shapes_{_layout_tag(layout)}.pt"
 
 
 def shape_layouts(recipe: Recipe) -> list[Layout]:
@@ -182,11 +185,11 @@ def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progr
         latents.append(z.half().unflatten(0, (len(specs), len(SHAPES))))
         valid += [[(s.colour, shape, s.direction) in allowed for shape in SHAPES] for s in specs]
         rows += [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
-    z = torch.cat(latents)
+    z, usable = torch.cat(latents), torch.tensor(valid)
     tmp = final.with_suffix(".tmp")
-    torch.save({"latents": z, "valid": torch.tensor(valid), "specs": rows, "shapes": list(SHAPES)}, tmp)
+    torch.save({"latents": z, "valid": usable, "specs": rows, "shapes": list(SHAPES)}, tmp)
     tmp.replace(final)
-    log(f"{final.name}: {tuple(z.shape)}, {int(torch.tensor(valid).sum())} valid images")
+    log(f"{final.name}: {tuple(z.shape)}, {int(usable.sum())} valid images")
     return final
 
 
