@@ -279,13 +279,15 @@ def test_image_first_flag_is_recorded_and_reproduces(capsys, models, tmp_path, m
                         lambda frames, *a, **kw: written.append(frames.copy()) or real(frames, *a, **kw))
     model = str(models["ti2v", "official"])
     common = ["--model", model, "--frames", "9", "--steps", "2", "--seed", "3"]
-    code, _, err = generate(capsys, "a fox", *common, "--image-first", "-o", str(tmp_path / "two.mp4"))
+    code, _, err = generate(capsys, "a fox", *common, "--image-first", "--image-first-scale", "2",
+                            "-o", str(tmp_path / "two.mp4"))
     assert code == 0, err
     assert "2 passes" in err
     side = json.loads((tmp_path / "two.json").read_text())
-    assert side["task"] == "text-to-video (image first)"
+    assert side["task"] == "text-to-video (image first)" and side["image_first_scale"] == 2
     args = shlex.split(side["command"])
-    assert "--image-first" in args  # not the tiny model's default, so the command must say it
+    # neither is the tiny model's default, so the command must say both
+    assert "--image-first" in args and args[args.index("--image-first-scale") + 1] == "2"
     code, _, err = generate(capsys, *args[2:], "-o", str(tmp_path / "again.mp4"))
     assert code == 0, err
     code, _, err = generate(capsys, "a fox", *common, "--joint", "-o", str(tmp_path / "one.mp4"))

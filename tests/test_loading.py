@@ -398,3 +398,9 @@ def test_kinema_json_overrides(tmp_path):
         inspect_folder(folder)
     (folder / "kinema.json").write_text(json.dumps({"defaults": {"image_first": True}}))
     assert inspect_folder(folder).spec.defaults.image_first is True
+    for bad in (0, 1.5, "2", True):
+        (folder / "kinema.json").write_text(json.dumps({"defaults": {"image_first_scale": bad}}))
+        with pytest.raises(ModelFolderError, match="bad value for 'image_first_scale'"):
+            inspect_folder(folder)
+    (folder / "kinema.json").write_text(json.dumps({"defaults": {"image_first_scale": 2}}))
+    assert inspect_folder(folder).spec.defaults.image_first_scale == 2

@@ -350,6 +350,32 @@ def test_image_first_is_text_to_image_then_image_to_video(ti2v_pipe):
     assert np.array_equal(again.frames, two.frames)
 
 
+def test_image_first_scale_draws_the_first_frame_larger_then_shrinks_it(ti2v_pipe):
+    kw = dict(steps=2, seed=3)
+    seen: list = []
+    s = ti2v_pipe.settings("a red fox", frames=9, size=(64, 64), image_first=True, image_first_scale=2, **kw)
+    video = ti2v_pipe.run(s, hooks=pl.Hooks(on_conditioning=seen.append))
+    assert video.frames.shape == (9, 64, 64, 3)
+    # pass 1 is exactly the one-frame video of this seed at twice the size ...
+    assert seen[0].plan.latent_shape[2:] == tuple(2 * n for n in s.plan.latent_shape[2:])
+    still = ti2v_pipe.generate("a red fox", frames=1, size=(128, 128), **kw)
+    # ... and pass 2 starts from that frame, shrunk to 64x64 and encoded
+    torch.testing.assert_close(seen[1].first_frame, pl.encode_keyframe(ti2v_pipe.vae, still.frames[0], (64, 64), "cpu"))
+    assert video.metadata["image_first_scale"] == 2
+    assert "--image-first-scale 2" in video.metadata["command"]  # not the tiny model's default
+    one = ti2v_pipe.generate("a red fox", frames=9, size=(64, 64), image_first=True, **kw)
+    assert one.metadata["image_first_scale"] == 1 and "--image-first-scale" not in one.metadata["command"]
+
+
+def test_encode_keyframe_averages_blocks(ti2v_pipe):
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    big = np.repeat(np.repeat(small, 3, axis=0), 3, axis=1)  # each pixel a 3x3 block
+    direct = ti2v_pipe.vae.encode(torch.from_numpy(small).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1)[0]
+    torch.testing.assert_close(pl.encode_keyframe(ti2v_pipe.vae, big, (48, 32), "cpu"), direct,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_image_first_settings():
     ti2v, t2v = PRESETS["ti2v-5B"], PRESETS["t2v-A14B"]
     assert not pl.resolve_settings(ti2v, "x", frames=81).image_first  # the official default
@@ -359,6 +385,11 @@ def test_image_first_settings():
         pl.resolve_settings(t2v, "x", image_first=True)
     with pytest.raises(InputError, match="true or false"):
         pl.resolve_settings(ti2v, "x", image_first="yes")
+    assert pl.resolve_settings(ti2v, "x", image_first=True).image_first_scale == 1  # the model's default
+    assert pl.resolve_settings(ti2v, "x", image_first=True, image_first_scale=2).image_first_scale == 2
+    for bad in (0, 9, "2", 1.5):
+        with pytest.raises(InputError, match="image_first_scale"):
+            pl.resolve_settings(ti2v, "x", image_first=True, image_first_scale=bad)
 
 
 def test_load_builtin_missing(monkeypatch, tmp_path):

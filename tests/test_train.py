@@ -3,6 +3,7 @@ trainer (loss goes down, checkpoint/resume is exact) and a tiny end-to-end recip
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -315,12 +316,20 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
                                    rtol=0, atol=2e-3)  # fp16 storage of one encoding
         assert [bool(v) for v in shapes["valid"][i]] == [(colour, s, direction) not in held
                                                          for s in shapes["shapes"]]
+    # the keyframe cycle: the same scenes drawn twice as large, for an image pass at 2x
+    assert "8 scenes x 3 shapes from shapes_r28-34_t0.7_x2.pt" in text
+    assert "keyframe" in text.split("[dit6] step 2/2 loss")[1].splitlines()[0]
+    big = torch.load(tmp_path / "work" / "shapes_r28-34_t0.7_x2.pt", weights_only=True)
+    assert big["specs"] == shapes["specs"] and torch.equal(big["valid"], shapes["valid"])
+    assert big["latents"].shape[-2:] == tuple(2 * n for n in shapes["latents"].shape[-2:])
+    assert json.loads((out / "kinema.json").read_text())["defaults"]["image_first_scale"] == 2
+    assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["image_first_scale"] == 2
     # resuming finished cycles loads no latent set
     (tmp_path / "work" / "dit.pt").unlink()
     before = len(log.read_text())
     run_recipe(tmp_path / "work", tiny_recipe(), steps=("dit",), progress=False, threads=None)
     rerun = log.read_text()[before:]
-    assert "[dit5] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
+    assert "[dit6] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
     assert (tmp_path / "work" / "dit.pt").is_file()
     # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()

@@ -104,6 +104,7 @@ def run_generate(
     shift: Optional[float] = None,
     sampler: Optional[str] = None,
     image_first: Optional[bool] = None,
+    image_first_scale: Optional[int] = None,
     negative_prompt: Optional[str] = None,
     seed: Optional[int] = None,
     output: Optional[Path] = None,
@@ -121,7 +122,8 @@ def run_generate(
 
     start = time.perf_counter()
     request = dict(negative_prompt=negative_prompt, size=size, frames=frames, steps=steps,
-                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler, image_first=image_first)
+                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler, image_first=image_first,
+                   image_first_scale=image_first_scale)
     path = _model_path(model)
     spec = inspect_folder(path).spec  # headers only: cheap, and it catches incomplete folders
     settings = resolve_settings(spec, prompt, image, seed=seed, **request)

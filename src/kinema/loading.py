@@ -565,6 +565,9 @@ def _apply_overrides(defaults: SamplingDefaults, overrides: Mapping[str, Any], s
                 value = tuple(float(v) for v in value) if isinstance(value, list) else float(value)
             elif key in ("frames", "fps", "steps"):
                 value = int(value)
+            elif key == "image_first_scale":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError("image_first_scale must be a whole number >= 1")
             elif key in ("shift", "boundary") and value is not None:
                 value = float(value)
             elif key in ("sampler", "negative_prompt"):

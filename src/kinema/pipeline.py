@@ -191,6 +191,17 @@ def _first_frame_plan(spec: ModelSpec, plan: TaskPlan, frames: Optional[int]) ->
                    token_mask=mask)
 
 
+def encode_keyframe(vae: Any, frame: np.ndarray, size: tuple[int, int], device: torch.device | str) -> Tensor:
+    """A uint8 frame [kH, kW, 3] shrunk to size = (W, H) by area averaging (each output pixel is
+    the mean of its k x k block, as if drawn at size) and encoded: latent [C, 1, h, w]."""
+    from PIL import Image
+
+    small = Image.fromarray(frame).resize(size, Image.BOX)
+    x = torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    x = ((x - 0.5) / 0.5)[:, None]  # [3, 1, H, W] in [-1, 1], the official image scaling
+    return vae.encode(x[None].to(device))[0].float()
+
+
 def draw_noise(shape: Sequence[int], seed: int) -> Tensor:
     """Initial noise: one float32 randn of `shape` from a CPU generator seeded with `seed`."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -436,6 +447,7 @@ class Settings:
     max_area: Optional[int] = None
     spec: Optional[ModelSpec] = None  # the model these settings were validated for
     image_first: bool = False  # text-to-video as text-to-image + image-to-video (TI2V only)
+    image_first_scale: int = 1  # the image pass draws at this multiple of `size`, then shrinks
 
 
 def _image_info(source: Any, img: Any) -> dict[str, Any]:
@@ -487,7 +499,8 @@ def resolve_settings(spec: ModelSpec, prompt: str, image: Any = None, *,
                      frames: int | None = None, steps: int | None = None,
                      guidance: float | tuple[float, float] | None = None, shift: float | None = None,
                      sampler: str | None = None, seed: int | None = None,
-                     max_area: int | None = None, image_first: bool | None = None) -> Settings:
+                     max_area: int | None = None, image_first: bool | None = None,
+                     image_first_scale: int | None = None) -> Settings:
     """Fill in the model's defaults and validate everything that can be checked without running a
     model (InputError with a one-line message otherwise). Also checks the prompt policy."""
     d = spec.defaults
@@ -569,11 +582,14 @@ def resolve_settings(spec: ModelSpec, prompt: str, image: Any = None, *,
         raise InputError(f"image_first needs a TI2V model (an image as latent frame 0); {spec.name} is not one")
     # only meaningful for text-to-video of more than one latent frame
     image_first = bool(image_first and pil is None and spec.dit.model_type == "ti2v" and plan.latent_shape[1] > 1)
+    scale = d.image_first_scale if image_first_scale is None else _check_int("image_first_scale", image_first_scale)
+    if not 1 <= scale <= 8:
+        raise InputError(f"image_first_scale must be 1 to 8, got {scale}")
     return Settings(
         prompt=prompt, negative_prompt=negative_prompt, size=(width, height), frames=frames,
         fps=float(d.fps), steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
         boundary=d.boundary if spec.two_experts else None, plan=plan, image=pil, image_info=info,
-        max_area=max_area, spec=spec, image_first=image_first,
+        max_area=max_area, spec=spec, image_first=image_first, image_first_scale=scale,
     )
 
 
@@ -714,16 +730,18 @@ class Pipeline:
                  size: tuple[int, int] | str | None = None, frames: int | None = None,
                  steps: int | None = None, guidance: float | tuple[float, float] | None = None,
                  shift: float | None = None, sampler: str | None = None, seed: int | None = None,
-                 image_first: bool | None = None, callback: StepCallback | None = None) -> Video:
+                 image_first: bool | None = None, image_first_scale: int | None = None,
+                 callback: StepCallback | None = None) -> Video:
         """Make one video. `image` (a path, PIL image or uint8 array) turns on image-to-video;
         there `size` only sets the pixel area and the aspect ratio follows the image.
         `image_first` (TI2V models) makes text-to-video in two passes: the first frame from the
-        text, then image-to-video from it. Unset options take the model's defaults;
+        text, then image-to-video from it; `image_first_scale` draws that first frame so many
+        times larger and shrinks it to `size`. Unset options take the model's defaults;
         `seed=None` picks a random seed (recorded in `video.metadata`). `callback(StepInfo)` runs
         after every sampling step (of both passes with `image_first`)."""
         s = self.settings(prompt, image, negative_prompt=negative_prompt, size=size, frames=frames,
                           steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
-                          image_first=image_first)
+                          image_first=image_first, image_first_scale=image_first_scale)
         return self.run(s, callback=callback)
 
     # -- the work -----------------------------------------------------------------------------
@@ -762,7 +780,18 @@ class Pipeline:
                 return denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
                                      device=self.device, callback=callback, trace=hooks.on_model_call)
 
-            if s.image_first:
+            if s.image_first and s.image_first_scale > 1:
+                # pass 1: text-to-image at k x the size, exactly `frames=1, size=k*size` with this
+                # seed; its frame shrunk to `size` and encoded is the known frame 0 of pass 2
+                w, h = plan.size
+                k = s.image_first_scale
+                plan1 = _first_frame_plan(self.spec, plan_task(self.spec, (k * w, k * h), 1), 1)
+                big = sample(Conditioning(plan1), draw_noise(plan1.latent_shape, s.seed))
+                with _resident(self.vae, self.device, self.offload):
+                    first = encode_keyframe(self.vae, decode_frames(self.vae, big, self.device)[0], (w, h),
+                                            self.device)
+                latent = sample(Conditioning(_first_frame_plan(self.spec, plan, None), first_frame=first), noise)
+            elif s.image_first:
                 # pass 1: the first latent frame alone, exactly `frames=1` with this seed (text-to-image);
                 # pass 2: image-to-video with that latent as the known frame 0
                 plan1 = _first_frame_plan(self.spec, plan, 1)
@@ -803,6 +832,7 @@ class Pipeline:
             "sampler": s.sampler,
             "shift": s.shift,
             "guidance": list(s.guidance) if isinstance(s.guidance, tuple) else s.guidance,
+            "image_first_scale": s.image_first_scale if s.image_first else None,
             "boundary": s.boundary,
             "seed": s.seed,
             "noise": "torch.randn float32, torch.Generator('cpu').manual_seed(seed)",
@@ -831,6 +861,8 @@ class Pipeline:
             args += ["--negative-prompt", s.negative_prompt]
         if s.plan.image_mode is None and self.spec.dit.model_type == "ti2v" and s.image_first != self.spec.defaults.image_first:
             args += ["--image-first" if s.image_first else "--joint"]
+        if s.image_first and s.image_first_scale != self.spec.defaults.image_first_scale:
+            args += ["--image-first-scale", str(s.image_first_scale)]
         return shlex.join(args)
 
 

@@ -17,7 +17,10 @@ Text-to-image: `image_batch` more samples per step are single latent frames, the
 latent frame (the causal VAE encodes frame 0 alone, so it is exactly an image latent). Like
 Wan2.2's joint image/video training; the built-in model makes text-to-video in two passes, an
 image first and then image-to-video (`Pipeline.generate`, `image_first`), and the image pass
-is this task.
+is this task. Keyframes (`keyframe_batch`): the same task on frames drawn `keyframe_scale`
+times larger (objects too), for an image pass that draws the first frame at that scale and
+shrinks it (`SamplingDefaults.image_first_scale`): each object then spans that many times more
+tokens per side, enough to draw its corners.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class DiTTrainSpec:
     image_batch: int = 0  # text-to-image samples per step (single latent frames)
     pair_batch: int = 0  # shape pairs per step (`pair_loss`): one scene as two shapes
     pair_weight: float = 2.0
+    # text-to-image samples drawn keyframe_scale x larger than the clips (the image-first pass's
+    # keyframe, `SamplingDefaults.image_first_scale`), from a shape set at that scale
+    keyframe_batch: int = 0
+    keyframe_scale: int = 2
 
     def dit_config(self, z_dim: int) -> DiTConfig:
         return DiTConfig(model_type="ti2v", in_dim=z_dim, out_dim=z_dim, dim=self.dim, ffn_dim=self.ffn_dim,

@@ -43,6 +43,9 @@ class DiTCycle:
     layout: Layout | None = None  # train on clips of this layout (None: the recipe's `layout`)
     pair_batch: int = 0  # shape pairs per step (`dit_train.pair_loss`)
     pair_weight: float = 2.0
+    batch: int | None = None  # clips per step (None: the recipe's `dit.batch`)
+    keyframe_batch: int = 0  # text-to-image samples at keyframe_scale x the clip size
+    keyframe_scale: int = 2
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,13 @@ class Recipe:
         # at pair weight 2, then 2000 at weight 8, 88 min. Held-out text-to-video shape went
         # 0.667 -> 0.639 by fill and 0.694 -> 0.722 by template, with lumpier outlines, so they
         # were not shipped; see benchmarks/builtin_eval.md.)
+        # Cycle 6 (session 10): keyframes. A 60-px object spans about 2x2 DiT tokens at 128x128,
+        # too few to draw a square's corners; the image-first pass now draws the first frame at
+        # 256x256 (4x4 tokens per object) and shrinks it, so the DiT learns that size too:
+        # 48 text-to-image samples a step from the shape set drawn at 2x.
+        DiTCycle(OptimConfig(steps=2500, lr=3e-4, warmup=50, ema_decay=0.998, checkpoint_every=50,
+                             log_every=25, bf16=True, seed=5), p_image=0.75, image_batch=16, layout=LAYOUT,
+                 batch=16, keyframe_batch=48, keyframe_scale=2),
     )
 
 
@@ -144,7 +154,10 @@ def tiny_recipe() -> Recipe:
                   DiTCycle(OptimConfig(steps=2, lr=5e-4, warmup=1, checkpoint_every=1, log_every=1, bf16=True,
                                        seed=3), p_image=0.75, image_batch=4, layout=LAYOUT),
                   DiTCycle(OptimConfig(steps=2, lr=5e-4, warmup=1, checkpoint_every=1, log_every=1, bf16=True,
-                                       seed=4), p_image=0.75, image_batch=2, layout=LAYOUT, pair_batch=2)),
+                                       seed=4), p_image=0.75, image_batch=2, layout=LAYOUT, pair_batch=2),
+                  DiTCycle(OptimConfig(steps=2, lr=5e-4, warmup=1, checkpoint_every=1, log_every=1, bf16=True,
+                                       seed=5), p_image=0.75, image_batch=2, layout=LAYOUT, batch=2,
+                           keyframe_batch=2, keyframe_scale=2)),
     )
 
 

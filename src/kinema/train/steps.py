@@ -93,18 +93,20 @@ def latents_path(work: Path, recipe: Recipe, layout: Layout) -> Path:
     return work / f"latents_{_layout_tag(layout)}.pt"
 
 
-def shapes_path(work: Path, layout: Layout) -> Path:
-    return work / f"shapes_{_layout_tag(layout)}.pt"
+def shapes_path(work: Path, layout: Layout, scale: int = 1) -> Path:
+    return work / f"shapes_{_layout_tag(layout)}{'' if scale == 1 else f'_x{scale}'}.pt"
 
 
-def shape_layouts(recipe: Recipe) -> list[Layout]:
-    """The layouts of the DiT cycles that train on shape pairs."""
-    layouts: list[Layout] = []
+def shape_sets(recipe: Recipe) -> list[tuple[Layout, int]]:
+    """(layout, scale) of every shape set a DiT cycle uses: scale 1 for shape pairs, the
+    cycle's `keyframe_scale` for keyframes."""
+    sets: list[tuple[Layout, int]] = []
     for cycle in recipe.dit_more:
         layout = cycle.layout or recipe.layout
-        if cycle.pair_batch and layout not in layouts:
-            layouts.append(layout)
-    return layouts
+        wanted = ([(layout, 1)] if cycle.pair_batch else []) + (
+            [(layout, cycle.keyframe_scale)] if cycle.keyframe_batch else [])
+        sets += [w for w in wanted if w not in sets]
+    return sets
 
 
 def _latent_loader(work: Path, recipe: Recipe, log: Log) -> Callable[[Layout], dict]:
@@ -122,9 +124,9 @@ def _latent_loader(work: Path, recipe: Recipe, log: Log) -> Callable[[Layout], d
 
 def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> list[Path]:
     """The latent set of every layout the recipe trains on (see `encode_latent_set`), and the
-    shape set of every layout a cycle takes shape pairs from (`encode_shape_set`)."""
+    shape sets the DiT cycles take shape pairs or keyframes from (`encode_shape_set`)."""
     return ([encode_latent_set(work, recipe, layout, log, progress) for layout in latent_layouts(recipe)]
-            + [encode_shape_set(work, recipe, layout, log, progress) for layout in shape_layouts(recipe)])
+            + [encode_shape_set(work, recipe, layout, log, progress, scale) for layout, scale in shape_sets(recipe)])
 
 
 def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
@@ -158,16 +160,18 @@ def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, prog
     return final
 
 
-def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
+def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True,
+                     scale: int = 1) -> Path:
     """Frame 0 of each clip of the latent set (same specs), drawn as every shape and encoded:
     latents [N, shapes, z, 1, h, w] fp16 and `valid` [N, shapes], false where the caption
-    (colour, shape, direction) is a held-out combination, which training must never show."""
+    (colour, shape, direction) is a held-out combination, which training must never show.
+    `scale` > 1 draws the frames that many times larger (objects too: the same scene, finer)."""
     from tqdm import tqdm
 
     from .data import SHAPES, clip_rng, render_clip, sample_spec, train_combos
     from .vae_train import clips_to_tensor
 
-    final = shapes_path(work, layout)
+    final = shapes_path(work, layout, scale)
     if final.is_file():
         log(f"{final.name} exists, skipped")
         return final
@@ -179,7 +183,7 @@ def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progr
     for start in tqdm(range(0, recipe.num_clips, batch), desc="shapes", disable=not progress, mininterval=5.0):
         specs = [sample_spec(clip_rng(recipe.seed + 3000, i), combos=combos, layout=layout)
                  for i in range(start, min(start + batch, recipe.num_clips))]
-        images = [render_clip(replace(spec, shape=shape), recipe.size, 1) for spec in specs for shape in SHAPES]
+        images = [render_clip(replace(spec, shape=shape), recipe.size * scale, 1) for spec in specs for shape in SHAPES]
         with torch.no_grad():
             z = vae.encode(clips_to_tensor(images))  # [B * shapes, z, 1, h, w]
         latents.append(z.half().unflatten(0, (len(specs), len(SHAPES))))
@@ -216,15 +220,18 @@ def _built_at_first_call(make: Callable[[], LossFn]) -> LossFn:
 
 
 def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, specs: list[list[str]],
-                     cycle: int = 1, shapes: dict | None = None):
+                     cycle: int = 1, shapes: dict | None = None, keyframes: dict | None = None):
     """Loss of step `step`: a batch of stored latents with freshly drawn caption paraphrases
-    (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples
-    and `spec.pair_batch` shape pairs from the shape set `shapes` (`encode_shape_set`)."""
+    (every cosine cycle draws its own batches), plus `spec.image_batch` text-to-image samples,
+    `spec.pair_batch` shape pairs from the shape set `shapes` and `spec.keyframe_batch`
+    text-to-image samples from the larger shape set `keyframes` (`encode_shape_set`)."""
     from .data import ClipSpec, caption_for
     from .dit_train import flow_loss, pair_loss
 
     if spec.pair_batch and shapes is None:
         raise ValueError("pair_batch needs a shape set (encode_shape_set)")
+    if spec.keyframe_batch and keyframes is None:
+        raise ValueError("keyframe_batch needs a shape set at the keyframe scale (encode_shape_set)")
     image_spec = replace(spec, p_image=0.0)
 
     def tokens(captions: list[str]):
@@ -263,10 +270,18 @@ def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, s
         return (z[rows, torch.tensor(a)].float(), z[rows, torch.tensor(b)].float(),
                 *tokens(captions_a + captions_b))
 
+    # keyframes: every (scene, shape) whose caption is allowed, each drawn with equal chance
+    framable = None if keyframes is None else torch.nonzero(keyframes["valid"])  # [M, 2]
+
+    def keyframe_batch(rng: np.random.Generator, n: int):
+        pick = framable[torch.from_numpy(rng.integers(0, framable.shape[0], size=n))]
+        captions = [caption(keyframes["specs"][i], rng, keyframes["shapes"][k]) for i, k in pick.tolist()]
+        return (keyframes["latents"][pick[:, 0], pick[:, 1]].float(), *tokens(captions))
+
     def loss_fn(step: int, gen: torch.Generator):
         rng = np.random.default_rng([seed, 11, step] if cycle == 1 else [seed, 11, cycle, step])
         loss, logs = flow_loss(model, spec, *batch(rng, spec.batch, None), gen)
-        if spec.image_batch or spec.pair_batch:
+        if spec.image_batch or spec.pair_batch or spec.keyframe_batch:
             logs = {"video": float(loss.detach())}
         if spec.image_batch:
             image_loss, _ = flow_loss(model, image_spec, *batch(rng, spec.image_batch, 1), gen)
@@ -276,6 +291,10 @@ def make_dit_loss_fn(model, spec, seed: int, tokenizer, latents: torch.Tensor, s
             extra_loss, extra = pair_loss(model, spec, *pairs(rng, spec.pair_batch), gen)
             logs.update(extra)
             loss = loss + extra_loss
+        if spec.keyframe_batch:
+            keyframe_loss, _ = flow_loss(model, image_spec, *keyframe_batch(rng, spec.keyframe_batch), gen)
+            logs["keyframe"] = float(keyframe_loss.detach())
+            loss = loss + keyframe_loss
         return loss, logs
     return loss_fn
 
@@ -298,13 +317,16 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     def loss_fn_of(spec, layout: Layout, cycle: int) -> LossFn:
         def make() -> LossFn:
             data = latent_set(layout)
-            shapes = None
-            if spec.pair_batch:
-                path = shapes_path(work, layout)
-                shapes = torch.load(path, map_location="cpu", weights_only=True)
-                log(f"{shapes['latents'].shape[0]} scenes x {len(shapes['shapes'])} shapes from {path.name}")
+
+            def shape_set(scale: int) -> dict:
+                path = shapes_path(work, layout, scale)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                log(f"{loaded['latents'].shape[0]} scenes x {len(loaded['shapes'])} shapes from {path.name}")
+                return loaded
+            shapes = shape_set(1) if spec.pair_batch else None
+            keyframes = shape_set(spec.keyframe_scale) if spec.keyframe_batch else None
             return make_dit_loss_fn(model, spec, recipe.seed, tokenizer, data["latents"], data["specs"], cycle,
-                                    shapes)
+                                    shapes, keyframes)
         return _built_at_first_call(make)
 
     loss_fn = loss_fn_of(recipe.dit, recipe.layout, 1)
@@ -314,8 +336,9 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     log(f"dit: cycle 1 final loss {np.mean(trainer.history[-100:]):.5f}")
     for n, cycle in enumerate(recipe.dit_more, start=2):
         previous = trainer
-        spec = replace(recipe.dit, p_image=cycle.p_image, image_batch=cycle.image_batch,
-                       pair_batch=cycle.pair_batch, pair_weight=cycle.pair_weight)
+        spec = replace(recipe.dit, batch=cycle.batch or recipe.dit.batch, p_image=cycle.p_image,
+                       image_batch=cycle.image_batch, pair_batch=cycle.pair_batch, pair_weight=cycle.pair_weight,
+                       keyframe_batch=cycle.keyframe_batch, keyframe_scale=cycle.keyframe_scale)
         trainer = Trainer(model, loss_fn_of(spec, cycle.layout or recipe.layout, n),
                           cycle.optim, checkpoint=work / f"dit_ckpt{n}.pt", name=f"dit{n}", log=log)
         if not trainer.maybe_resume():
@@ -343,8 +366,16 @@ def sampling_defaults(recipe: Recipe) -> dict:
             # text-to-video as an image first, then image-to-video from it: the small model
             # follows a first frame far better than it lays out a whole clip from text alone
             "image_first": True,
+            # the image pass draws at the scale the last DiT cycle learnt keyframes at
+            "image_first_scale": keyframe_scale(recipe),
         },
     }
+
+
+def keyframe_scale(recipe: Recipe) -> int:
+    """The keyframe scale of the recipe's last DiT cycle (1 when it learns none)."""
+    last = recipe.dit_more[-1] if recipe.dit_more else None
+    return last.keyframe_scale if last is not None and last.keyframe_batch else 1
 
 
 def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
