@@ -51,7 +51,7 @@ def generate(
         "animate it (two passes), or all frames at once (default: the model's; the built-in model: image first)."),
     image_first_scale: Optional[int] = typer.Option(
         None, "--image-first-scale", help="Image first: draw the first frame this many times larger, then "
-        "shrink it to the video size (default: the model's; the built-in model: 2)."),
+        "shrink it to the video size (default: the model's; 1 for the built-in model)."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="What to steer away from (default: the model's negative prompt)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same video "

@@ -138,7 +138,7 @@ class SamplingDefaults:
     image_first: bool = False
     # The image-first pass draws the first frame this many times larger (width and height), then
     # shrinks it to the video size (area average) and encodes it: a model whose objects span
-    # few DiT tokens draws finer outlines with more (the built-in model: 2).
+    # few DiT tokens may draw finer outlines with more (the built-in model: 1, see builtin_eval.md).
     image_first_scale: int = 1
 
 

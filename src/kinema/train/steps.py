@@ -366,16 +366,9 @@ def sampling_defaults(recipe: Recipe) -> dict:
             # text-to-video as an image first, then image-to-video from it: the small model
             # follows a first frame far better than it lays out a whole clip from text alone
             "image_first": True,
-            # the image pass draws at the scale the last DiT cycle learnt keyframes at
-            "image_first_scale": keyframe_scale(recipe),
+            "image_first_scale": recipe.image_first_scale,
         },
     }
-
-
-def keyframe_scale(recipe: Recipe) -> int:
-    """The keyframe scale of the recipe's last DiT cycle (1 when it learns none)."""
-    last = recipe.dit_more[-1] if recipe.dit_more else None
-    return last.keyframe_scale if last is not None and last.keyframe_batch else 1
 
 
 def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
