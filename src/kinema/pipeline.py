@@ -197,8 +197,7 @@ def encode_keyframe(vae: Any, frame: np.ndarray, size: tuple[int, int], device: 
     from PIL import Image
 
     small = Image.fromarray(frame).resize(size, Image.BOX)
-    x = torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    x = ((x - 0.5) / 0.5)[:, None]  # [3, 1, H, W] in [-1, 1], the official image scaling
+    x = cnd.ti2v_image_tensor(small, size)  # already at size: only the official [-1, 1] scaling
     return vae.encode(x[None].to(device))[0].float()
 
 

@@ -20,7 +20,7 @@ image first and then image-to-video (`Pipeline.generate`, `image_first`), and th
 is this task. Keyframes (`keyframe_batch`): the same task on frames drawn `keyframe_scale`
 times larger (objects too), for an image pass that draws the first frame at that scale and
 shrinks it (`SamplingDefaults.image_first_scale`): each object then spans that many times more
-tokens per side, enough to draw its corners.
+tokens per side (tried for the built-in model in session 10, not shipped: benchmarks/builtin_eval.md).
 """
 
 from __future__ import annotations

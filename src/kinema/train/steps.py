@@ -129,6 +129,17 @@ def encode_latents(work: Path, recipe: Recipe, log: Log, progress: bool = True) 
             + [encode_shape_set(work, recipe, layout, log, progress, scale) for layout, scale in shape_sets(recipe)])
 
 
+def _spec_row(spec) -> list[str]:
+    """What a latent or shape set stores of a clip spec (enough to draw its captions)."""
+    return [spec.colour, spec.shape, spec.direction, spec.background, spec.speed]
+
+
+def _save_atomically(obj: dict, final: Path) -> None:
+    tmp = final.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(final)  # a crash never leaves a half-written set
+
+
 def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progress: bool = True) -> Path:
     """Encode `recipe.num_clips` training clips of `layout` once (fp16 latents + their clip specs)."""
     from tqdm import tqdm
@@ -152,10 +163,7 @@ def encode_latent_set(work: Path, recipe: Recipe, layout: Layout, log: Log, prog
         latents.append(z.half())
         specs += [s for _, _, s in items]
     z = torch.cat(latents)
-    spec_rows = [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
-    tmp = final.with_suffix(".tmp")
-    torch.save({"latents": z, "specs": spec_rows}, tmp)
-    tmp.replace(final)
+    _save_atomically({"latents": z, "specs": [_spec_row(s) for s in specs]}, final)
     log(f"{final.name}: {tuple(z.shape)}, mean {float(z.float().mean()):.3f} std {float(z.float().std()):.3f}")
     return final
 
@@ -188,11 +196,9 @@ def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progr
             z = vae.encode(clips_to_tensor(images))  # [B * shapes, z, 1, h, w]
         latents.append(z.half().unflatten(0, (len(specs), len(SHAPES))))
         valid += [[(s.colour, shape, s.direction) in allowed for shape in SHAPES] for s in specs]
-        rows += [[s.colour, s.shape, s.direction, s.background, s.speed] for s in specs]
+        rows += [_spec_row(s) for s in specs]
     z, usable = torch.cat(latents), torch.tensor(valid)
-    tmp = final.with_suffix(".tmp")
-    torch.save({"latents": z, "valid": usable, "specs": rows, "shapes": list(SHAPES)}, tmp)
-    tmp.replace(final)
+    _save_atomically({"latents": z, "valid": usable, "specs": rows, "shapes": list(SHAPES)}, final)
     log(f"{final.name}: {tuple(z.shape)}, {int(usable.sum())} valid images")
     return final
 
