@@ -88,6 +88,33 @@ def test_layouts_draw_the_same_clip_at_another_size():
             assert large.radius < min(cx, cy) and max(cx, cy) + large.radius < 128
 
 
+def test_aligned_layout_snaps_the_start_and_widens_squares():
+    from kinema.train.data import ALIGNED, LAYOUT
+    from kinema.train.steps import _layout_tag
+
+    starts = set()
+    for i in range(200):
+        free = sample_spec(np.random.default_rng(i), layout=LAYOUT)
+        snapped = sample_spec(np.random.default_rng(i), layout=ALIGNED)
+        # the same random draws; the start moves by at most half a grid step
+        assert (free.colour, free.shape, free.direction, free.background, free.speed, free.rgb) == \
+            (snapped.colour, snapped.shape, snapped.direction, snapped.background, snapped.speed, snapped.rgb)
+        px = np.array(snapped.start) * 128
+        assert np.allclose(px, np.round(px / 8) * 8) and snapped.radius == 31 and snapped.square == 1.0
+        assert free.square == 0.88
+        starts.add(tuple(px))
+    assert len(starts) > 10  # a few positions, not one
+    assert len({_layout_tag(x) for x in (LAYOUT, ALIGNED, replace(ALIGNED, square=0.88))}) == 3
+    # a square as wide as the circle: its box is 2 r; at 0.88 it has the circle's area instead
+    spec = sample_spec(np.random.default_rng(3), combo=("red", "square", "left"), layout=ALIGNED)
+    plain = ((20, 20, 20), (20, 20, 20), False)
+    frame = render_clip(replace(spec, start=(0.5, 0.5), bg=plain), frames=1)[0].astype(int)
+    cols = np.flatnonzero((frame - 20).sum(-1).max(0) > 100)
+    assert cols[-1] - cols[0] + 1 == 62
+    det = analyse_video(render_clip(spec))
+    assert (det.shape, det.shape_template) == ("square", "square")
+
+
 @pytest.mark.parametrize("combo", [("red", "circle", "left"), ("blue", "square", "down"),
                                    ("white", "triangle", "up"), ("purple", "triangle", "right")])
 def test_rendered_clip_matches_its_description(combo):
@@ -324,12 +351,16 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert big["latents"].shape[-2:] == tuple(2 * n for n in shapes["latents"].shape[-2:])
     assert json.loads((out / "kinema.json").read_text())["defaults"]["image_first_scale"] == 2
     assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["image_first_scale"] == 2
+    # the aligned cycle: its own latent set (one size, frame 0 on the 8-px grid, wide squares)
+    assert "[dit7] step 2/2" in text and "8 clips from latents_r31-31_t0.7_g8_s1.pt" in text.split("[dit7]")[0]
+    aligned = torch.load(tmp_path / "work" / "latents_r31-31_t0.7_g8_s1.pt", weights_only=True)
+    assert aligned["latents"].shape == clips["latents"].shape and aligned["specs"] == clips["specs"]
     # resuming finished cycles loads no latent set
     (tmp_path / "work" / "dit.pt").unlink()
     before = len(log.read_text())
     run_recipe(tmp_path / "work", tiny_recipe(), steps=("dit",), progress=False, threads=None)
     rerun = log.read_text()[before:]
-    assert "[dit6] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
+    assert "[dit7] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
     assert (tmp_path / "work" / "dit.pt").is_file()
     # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()

@@ -44,12 +44,22 @@ class Layout:
 
     radius: tuple[float, float] = (28.0, 34.0)  # pixels at 128x128
     travel: float = 0.7  # scales each speed's travel distance (fraction of the frame side)
+    # > 0: frame 0's centre snaps to the nearest multiple of `grid` pixels (at 128x128). With
+    # a 16-px latent cell, an object then starts at one of a few offsets against the cell grid,
+    # so the first latent frame of every clip is one of a few patterns per (colour, shape,
+    # background) instead of a continuum: far less for a small DiT's image pass to learn.
+    grid: float = 0.0
+    square: float = 0.88  # half side of a square / radius (0.88: the circle's area; 1: its box)
 
 
 # What the built-in model draws now (the default everywhere), and the smaller objects its first
 # recipe stages (VAE, decoder, DiT cycles 1-4) were trained on.
 LAYOUT = Layout()
 SMALL_OBJECTS = Layout(radius=(16.0, 23.0), travel=1.0)
+# Session 11: one object size, frame 0 on an 8-px grid (two phases against the 16-px latent
+# cell), and squares as wide as the circle (the circle's bounding box), so that a square and a
+# circle differ by 1.5x more area than at equal areas.
+ALIGNED = Layout(radius=(31.0, 31.0), travel=0.7, grid=8.0, square=1.0)
 
 # Unit motion vectors in image coordinates (x to the right, y downwards).
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -97,6 +107,7 @@ class ClipSpec:
     radius: float  # pixels at 128x128
     start: tuple[float, float]  # centre at frame 0, fraction of width/height
     distance: float  # total travel over the clip, fraction of the frame side
+    square: float = 0.88  # half side of a square / radius (`Layout.square`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,21 +161,28 @@ def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = N
     else:
         y0 = along if dy > 0 else 1.0 - along
         start = (across, y0)
+    if layout.grid > 0:
+        # rounding (no random draw, so the stream stays the same) moves the start by at most
+        # grid / 2 pixels, which the margin's 2 px and the shapes' slack below 1.3 r absorb
+        step = layout.grid / 128.0
+        start = (round(start[0] / step) * step, round(start[1] / step) * step)
     return ClipSpec(colour, shape, direction, background, speed, _jitter(COLOURS[colour], rng, 12),
-                    _background(background, rng), radius, start, dist)
+                    _background(background, rng), radius, start, dist, layout.square)
 
 
 # ---------------------------------------------------------------------------------------------
 # rendering
 
 
-def shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] from a signed distance (negative inside), 1 px ramp."""
+def shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float,
+                   square: float = 0.88) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] from a signed distance (negative inside), 1 px ramp;
+    a square has half side `square` x r."""
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         sd = np.sqrt(dx * dx + dy * dy) - r
     elif shape == "square":
-        h = 0.88 * r  # same area as the circle, roughly
+        h = square * r  # 0.88: the circle's area, roughly
         sd = np.maximum(np.abs(dx), np.abs(dy)) - h
     elif shape == "triangle":
         # upward equilateral triangle with circumradius R: three half-planes
@@ -197,7 +215,7 @@ def render_clip(spec: ClipSpec, size: int = 128, frames: int = 17) -> np.ndarray
         f = i / max(frames - 1, 1)
         cx = (spec.start[0] + dx * spec.distance * f) * size
         cy = (spec.start[1] + dy * spec.distance * f) * size
-        cov = shape_coverage(spec.shape, xs, ys, cx, cy, spec.radius * s)[..., None]
+        cov = shape_coverage(spec.shape, xs, ys, cx, cy, spec.radius * s, spec.square)[..., None]
         out[i] = np.clip(bg * (1 - cov) + obj * cov + 0.5, 0, 255).astype(np.uint8)
     return out
 

@@ -84,7 +84,12 @@ def latent_layouts(recipe: Recipe) -> list[Layout]:
 
 def _layout_tag(layout: Layout) -> str:
     lo, hi = layout.radius
-    return f"r{lo:g}-{hi:g}_t{layout.travel:g}"
+    tag = f"r{lo:g}-{hi:g}_t{layout.travel:g}"
+    if layout.grid:
+        tag += f"_g{layout.grid:g}"
+    if layout.square != 0.88:
+        tag += f"_s{layout.square:g}"
+    return tag
 
 
 def latents_path(work: Path, recipe: Recipe, layout: Layout) -> Path:
