@@ -52,8 +52,9 @@ class Layout:
     square: float = 0.88  # half side of a square / radius (0.88: the circle's area; 1: its box)
 
 
-# What the built-in model draws now (the default everywhere), and the smaller objects its first
-# recipe stages (VAE, decoder, DiT cycles 1-4) were trained on.
+# The default everywhere (evaluation first frames included) and what DiT cycle 5 and decoder
+# cycle 3 trained on, and the smaller objects the first recipe stages (VAE, decoder, DiT cycles
+# 1-4) were trained on.
 LAYOUT = Layout()
 SMALL_OBJECTS = Layout(radius=(16.0, 23.0), travel=1.0)
 # Session 11: one object size, frame 0 on an 8-px grid (two phases against the 16-px latent

@@ -70,8 +70,9 @@ class Recipe:
     size: int = 128
     frames: int = 17
     fps: int = 8
-    # Objects of the clips the VAE, the decoder and DiT cycles 1-4 learn from. The last DiT cycle
-    # moves to larger objects (`data.LAYOUT`), which the same VAE renders with their corners.
+    # Objects of the clips the VAE, the decoder and DiT cycles 1-4 learn from. Cycle 5 moves to
+    # larger objects (`data.LAYOUT`), which the same VAE renders with their corners, and cycle 6
+    # to one size on a grid (`data.ALIGNED`).
     layout: Layout = SMALL_OBJECTS
     # sampling default: the image-first pass draws its frame this many times larger (kinema.json)
     image_first_scale: int = 1
