@@ -132,8 +132,8 @@ class Recipe:
         # Cycle 6 (session 11): the ALIGNED layout (one object size, frame 0 on an 8-px grid,
         # squares as wide as the circle), so the text-to-image pass has far fewer layouts to draw.
         # The shipped run warm-started it from the exported cycle-5 weights (fp16, EMA = weights)
-        # with fresh AdamW moments, not from the cycle-5 checkpoint; cycle 7 then warm-started
-        # from cycle 6's checkpoint as the recipe does.
+        # with fresh AdamW moments, not from the cycle-5 checkpoint; cycles 7 and 8 then
+        # warm-started from their predecessors' checkpoints as the recipe does.
         DiTCycle(OptimConfig(steps=2500, lr=4e-4, warmup=100, ema_decay=0.998, checkpoint_every=50,
                              log_every=25, bf16=True, seed=5), p_image=0.75, image_batch=96, layout=ALIGNED,
                  batch=32),
@@ -142,6 +142,10 @@ class Recipe:
         # (as both image-first text-to-video and image-to-video sample), at a lower lr.
         DiTCycle(OptimConfig(steps=1100, lr=2e-4, warmup=50, ema_decay=0.998, checkpoint_every=50,
                              log_every=25, bf16=True, seed=6), p_image=0.95, image_batch=48, layout=ALIGNED,
+                 batch=48),
+        # Cycle 8 (session 11): one more warm restart of the same mix (cycle 7's loss still fell).
+        DiTCycle(OptimConfig(steps=800, lr=2e-4, warmup=50, ema_decay=0.998, checkpoint_every=50,
+                             log_every=25, bf16=True, seed=7), p_image=0.95, image_batch=48, layout=ALIGNED,
                  batch=48),
     )
 
