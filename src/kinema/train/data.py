@@ -32,6 +32,10 @@ BACKGROUNDS = ("dark", "light", "gradient")
 SPEEDS = ("slow", "normal", "fast")
 
 
+# Half side of a square / its radius by default: 0.88 gives the square about the circle's area.
+SQUARE = 0.88
+
+
 @dataclass(frozen=True)
 class Layout:
     """How large the object is and how far it travels (both at 128x128; they scale with the size).
@@ -49,7 +53,7 @@ class Layout:
     # so the first latent frame of every clip is one of a few patterns per (colour, shape,
     # background) instead of a continuum: far less for a small DiT's image pass to learn.
     grid: float = 0.0
-    square: float = 0.88  # half side of a square / radius (0.88: the circle's area; 1: its box)
+    square: float = SQUARE  # half side of a square / radius (1.0: the circle's bounding box)
 
 
 # The default everywhere (evaluation first frames included) and what DiT cycle 5 and decoder
@@ -108,7 +112,7 @@ class ClipSpec:
     radius: float  # pixels at 128x128
     start: tuple[float, float]  # centre at frame 0, fraction of width/height
     distance: float  # total travel over the clip, fraction of the frame side
-    square: float = 0.88  # half side of a square / radius (`Layout.square`)
+    square: float = SQUARE  # half side of a square / radius (`Layout.square`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,14 +180,14 @@ def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str] | None = N
 
 
 def shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float,
-                   square: float = 0.88) -> np.ndarray:
+                   square: float = SQUARE) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] from a signed distance (negative inside), 1 px ramp;
     a square has half side `square` x r."""
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         sd = np.sqrt(dx * dx + dy * dy) - r
     elif shape == "square":
-        h = square * r  # 0.88: the circle's area, roughly
+        h = square * r
         sd = np.maximum(np.abs(dx), np.abs(dy)) - h
     elif shape == "triangle":
         # upward equilateral triangle with circumradius R: three half-planes

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import Layout
+from .data import SQUARE, Layout
 from .recipe import Recipe
 from .trainer import LossFn, Trainer
 
@@ -87,7 +87,7 @@ def _layout_tag(layout: Layout) -> str:
     tag = f"r{lo:g}-{hi:g}_t{layout.travel:g}"
     if layout.grid:
         tag += f"_g{layout.grid:g}"
-    if layout.square != 0.88:
+    if layout.square != SQUARE:  # the default keeps the tags of older sets
         tag += f"_s{layout.square:g}"
     return tag
 
