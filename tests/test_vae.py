@@ -219,3 +219,25 @@ def test_matches_diffusers_oracle(cfg, frames, h, w):
         torch.testing.assert_close(z, (mu - mean) * (1 / std), rtol=1e-5, atol=1e-5)
         ref = oracle.decode(z * std + mean).sample.clamp(-1, 1)
     torch.testing.assert_close(model.decode(z), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    (3, 1, 1), (1, 1, 0), ((3, 1, 1), 1, (1, 0, 0)), ((3, 1, 1), (2, 1, 1), 0), (3, 2, 1),
+])
+def test_causal_conv_on_cpu_equals_conv3d(kernel, stride, padding):
+    # on the CPU CausalConv3d runs one conv2d per time tap (faster there); it must be the same
+    # convolution as conv3d, with and without cached context frames, forwards and backwards
+    torch.manual_seed(0)
+    conv = CausalConv3d(5, 7, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 5, 6, 9, 10, requires_grad=True)
+    context = torch.randn(2, 5, 2, 9, 10)
+    for ctx in (None, context):
+        used = ctx is not None and conv.time_pad > 0  # a conv without time padding needs no context
+        full = torch.cat([ctx, x], dim=2) if used else x
+        ref_in = F.pad(full, (*conv.space_pad, conv.time_pad - (ctx.shape[2] if used else 0), 0))
+        ref = F.conv3d(ref_in, conv.weight, conv.bias, stride=conv.stride)
+        out = conv(x, ctx)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g_out, = torch.autograd.grad(out.square().sum(), x)
+        g_ref, = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-5)

@@ -81,7 +81,7 @@ def generate(
 def train(
     work: Path = typer.Option(Path("kinema-train"), "--work", help="Work folder (checkpoints, logs; resumable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Exported model folder (default: WORK/model)."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of tokenizer,vae,latents,decoder,dit,export (default: all)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of tokenizer,vae,latents,decoder,dit,adapt,export (default: all)."),
     tiny: bool = typer.Option(False, "--tiny", help="Minutes-scale smoke configuration."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
 ) -> None:
