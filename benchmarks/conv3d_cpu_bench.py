@@ -5,10 +5,11 @@ model's whole decode.
     python benchmarks/conv3d_cpu_bench.py [--threads 2]
 
 Session 13, 2-core AMD EPYC (AVX2, no AVX-512), torch 2.13.0 CPU, 2 threads:
-conv3d 187 ms, per-tap conv2d 45 ms (max difference 7e-5) for a 24-channel conv over 4 + 2
-frames of 128x128; built-in decode of 17 frames 3.5-3.9 s -> 1.8-2.3 s; `kinema generate`
-from process start to signed MP4 17.2 s -> 6.8-8.1 s (with the text encoder's meta-device
-init fix, `models/t5.py:_embedding`).
+conv3d 193 ms, per-tap conv2d 43 ms (max difference 1.5e-6) for a 24-channel conv over 4 + 2
+frames of 128x128; built-in decode of 17 frames 0.98 s (the same decode at the commit before
+the change: 2.72 s against 1.32 s after it, measured back to back, 3 runs each); `kinema
+generate` from process start to signed MP4 17.2 s -> 6.8-8.6 s (with the text encoder's
+meta-device init fix, `models/t5.py:_embedding`; /usr/bin/time and `kinema eval`'s timed runs).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class CausalConv3d(nn.Conv3d):
 
     def _as_conv2d(self, x: Tensor) -> Tensor:
         """The same convolution as one conv2d per time tap, summed. PyTorch's CPU conv3d is
-        4-5x slower than its conv2d on AVX2 machines (187 vs 45 ms for a 24-channel 3x3x3 conv
+        4-5x slower than its conv2d on AVX2 machines (193 vs 43 ms for a 24-channel 3x3x3 conv
         over 4 frames of 128x128, `benchmarks/conv3d_cpu_bench.py`), and the VAE is mostly such
         convs; the frames of a chunk become the conv2d batch."""
         b, c, t, h, w = x.shape

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import SAMPLERS, Schedule
-from .data import Layout, caption_for, make_clip, train_combos
+from .data import Layout, caption_for_row, make_clip, train_combos
 from .vae_train import DecoderTuneSpec, clips_to_tensor, decode_normalized, reconstruction_loss
 
 
@@ -58,8 +58,6 @@ def regenerate(model, tokenizer, latents: Tensor, specs: list[list[str]], spec: 
                text_len: int = 128, progress: Callable[[int], object] | None = None) -> Tensor:
     """SDEdit copies of `latents` [N, z, F, h, w] (normalized) by `model` (a `DiTWithText`):
     fp16 [N, z, F, h, w]. Deterministic in `seed`; batches are independent of N."""
-    from .data import ClipSpec
-
     schedule_fn, sample_fn = SAMPLERS[sampler]
     full = schedule_fn(steps, shift)
     null_ids, null_mask = tokenizer([""], max_length=text_len)
@@ -73,17 +71,14 @@ def regenerate(model, tokenizer, latents: Tensor, specs: list[list[str]], spec: 
         z0 = latents[start:stop].float()
         b, _, f, h, w = z0.shape
         per_frame = (h // p[1]) * (w // p[2])
-        captions = []
-        for row in specs[start:stop]:
-            c, s, d, bg, sp = row
-            clip = ClipSpec(c, s, d, bg, sp, (0, 0, 0), ((0, 0, 0), (0, 0, 0), False), 0.0, (0.0, 0.0), 0.0)
-            captions.append(caption_for(clip, rng))
+        captions = [caption_for_row(row, rng) for row in specs[start:stop]]
         ids, mask = tokenizer(captions, max_length=text_len)
         context = model.encode_text(ids, mask)
-        contexts = context + [null] * b
         sched = _start(full, float(rng.uniform(*spec.strength)))
         s0 = float(sched.sigmas[0])
         true_first = torch.from_numpy(rng.random(b) < spec.p_true_first)
+
+        both = context + [null] * b  # CFG in one DiT call: the captions, then the empty prompts
 
         def denoise_fn(first_known: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
             def denoise(x: Tensor, t: Tensor, sigma: Tensor) -> Tensor:
@@ -91,16 +86,19 @@ def regenerate(model, tokenizer, latents: Tensor, specs: list[list[str]], spec: 
                 t_tok = t.float().expand(2 * b, tokens).clone()
                 if first_known:
                     t_tok[:, :per_frame] = 0.0
-                v = model.dit(torch.cat([x, x]), t_tok, contexts)
+                v = model.dit(torch.cat([x, x]), t_tok, both)
                 v_cond, v_uncond = v.float().chunk(2)
                 return v_uncond + guidance * (v_cond - v_uncond)
             return denoise
 
         noise = torch.randn(z0.shape, generator=gen)
-        # pass 1 (image-first samples only): frame 0 regenerated as an image
-        x1 = (1 - s0) * z0[:, :, :1] + s0 * noise[:, :, :1]
-        first = sample_fn(denoise_fn(False), x1, sched)
-        first = torch.where(true_first.view(b, 1, 1, 1, 1), z0[:, :, :1], first)
+        # pass 1 (skipped when every sample keeps its true frame 0): frame 0 regenerated as an
+        # image, kept for the samples that redraw it
+        first = z0[:, :, :1]
+        if not bool(true_first.all()):
+            x1 = (1 - s0) * z0[:, :, :1] + s0 * noise[:, :, :1]
+            drawn = sample_fn(denoise_fn(False), x1, sched)
+            first = torch.where(true_first.view(b, 1, 1, 1, 1), first, drawn)
         # pass 2: the clip from its (true or regenerated) frame 0, as image-to-video samples
         x = (1 - s0) * z0 + s0 * noise
         x[:, :, :1] = first

@@ -290,6 +290,16 @@ def caption_for(spec: ClipSpec, rng: np.random.Generator, canonical_prob: float 
     return text
 
 
+
+def caption_for_row(row: list[str], rng: np.random.Generator, shape: str | None = None) -> str:
+    """`caption_for` of a clip stored as a latent-set row [colour, shape, direction, background,
+    speed], optionally as another `shape`."""
+    colour, own_shape, direction, background, speed = row
+    # captions read only the words; the drawing fields are placeholders
+    clip = ClipSpec(colour, shape or own_shape, direction, background, speed, (0, 0, 0),
+                    ((0, 0, 0), (0, 0, 0), False), 0.0, (0.0, 0.0), 0.0)
+    return caption_for(clip, rng)
+
 def caption_corpus(seed: int = 0, n: int = 20000) -> list[str]:
     """Captions for tokenizer training: every canonical caption (held-out ones included, since
     the words themselves are all seen in training) plus `n` random paraphrases."""
