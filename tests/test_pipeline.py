@@ -236,6 +236,38 @@ def test_guidance_one_skips_unconditional_pass():
     assert len(calls) == 3 and all(c.v_uncond is None for c in trace)
 
 
+@pytest.mark.parametrize("first_frame", [False, True])
+def test_batched_guidance_passes_equal_two_calls(first_frame):
+    from kinema.config import DiTConfig
+    from kinema.models.dit import WanModel
+
+    torch.manual_seed(0)
+    dit = WanModel(DiTConfig(model_type="ti2v", in_dim=4, out_dim=4, dim=32, ffn_dim=64, num_heads=2,
+                             num_layers=2, text_len=8, text_dim=8)).eval()
+    with torch.no_grad():  # a trained-looking model: the zero-initialised rows too
+        for p in dit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    kw = {}
+    if first_frame:
+        kw = dict(first_frame=torch.randn(4, 1, 4, 4),
+                  token_mask=cnd.token_timestep_mask(3, 4, 4, (1, 2, 2), first_frame_known=True))
+    ctx, ctx_null = torch.randn(3, 8), torch.randn(1, 8)
+    runs = {}
+    for batched in (False, True):
+        trace: list = []
+        out = pl.denoise_video(pl.Experts([dit], 4.0, None, torch.device("cpu")), torch.randn(4, 3, 4, 4,
+                               generator=torch.Generator().manual_seed(1)), ctx, ctx_null,
+                               _cond((4, 3, 4, 4), **kw), unipc_schedule(3, 5.0), "unipc",
+                               trace=trace.append, batch_cfg=batched)
+        runs[batched] = (out, trace)
+    (a, trace_a), (b, trace_b) = runs[False], runs[True]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for ca, cb in zip(trace_a, trace_b):
+        assert cb.v_cond.shape == cb.v_uncond.shape == ca.v_cond.shape
+        torch.testing.assert_close(cb.v_uncond, ca.v_uncond, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cb.v_cond, cb.v_uncond)  # the two halves got different prompts
+
+
 def test_first_frame_reset_before_and_after_every_step():
     calls: list = []
     experts = pl.Experts([FakeDiT(0, calls, scale=0.7)], 2.0, None, torch.device("cpu"))

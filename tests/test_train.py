@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from kinema.config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
 from kinema.evaluate import analyse_video
+from kinema.models.dit import WanModel
 from kinema.models.vae import WanVAE
 from kinema.train.data import (
     DIRECTION_VECTORS, HELD_OUT, all_combos, canonical_caption, caption_for, make_clip, render_clip, sample_spec,
     train_combos,
 )
+from kinema.train.dit_train import DiTTrainSpec
 from kinema.train.trainer import OptimConfig, Trainer
 from kinema.train.vae_train import decode_raw, encode_raw, fold_latent_stats, widen_decoder
 
@@ -303,6 +305,33 @@ def test_widened_decoder_decodes_like_the_narrow_one_and_its_new_channels_learn(
         widen_decoder(wide, WanVAE(cfg))
 
 
+def test_deepened_dit_computes_the_same_and_its_new_blocks_learn():
+    from kinema.train.dit_train import deepen_dit
+
+    spec = DiTTrainSpec(dim=32, ffn_dim=64, num_heads=1, num_layers=3, t5_dim=16)
+    torch.manual_seed(0)
+    old = WanModel(spec.dit_config(8))
+    with torch.no_grad():  # a trained-looking model: no zero parameters left
+        for p in old.parameters():
+            p.normal_(0, 0.2)
+    deep = deepen_dit(old, 7)
+    assert deep.cfg.num_layers == 7 and len(deep.blocks) == 7
+    x, t = torch.randn(2, 8, 3, 4, 4), torch.tensor([300.0, 700.0])
+    context = [torch.randn(5, 16), torch.randn(3, 16)]
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, context), old(x, t, context), rtol=0, atol=0)
+    # the old blocks keep their order (block j at j * 7 // 3: 0, 2, 4); the new ones start as identities
+    assert torch.equal(deep.blocks[2].ffn[2].weight, old.blocks[1].ffn[2].weight)
+    assert torch.equal(deep.blocks[4].self_attn.q.weight, old.blocks[2].self_attn.q.weight)
+    assert deep.blocks[1].self_attn.o.weight.abs().sum() == 0
+    # ... whose zero output layers get gradients at once
+    deep(x, t, context).square().mean().backward()
+    for part in (deep.blocks[1].self_attn.o, deep.blocks[1].cross_attn.o, deep.blocks[1].ffn[2]):
+        assert part.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepen_dit(deep, 2)
+
+
 # -- decoder adaptation -------------------------------------------------------------------------
 
 
@@ -424,12 +453,15 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert "[dit7] step 2/2" in text and "8 clips from latents_r31-31_t0.7_g8_s1.pt" in text.split("[dit7]")[0]
     aligned = torch.load(tmp_path / "work" / "latents_r31-31_t0.7_g8_s1.pt", weights_only=True)
     assert aligned["latents"].shape == clips["latents"].shape and aligned["specs"] == clips["specs"]
+    # the last cycle deepened the DiT (1 -> 2 blocks); the export and the adapt step use that depth
+    assert "dit: deepened to 2 blocks" in text.split("[dit8]")[0] and "[dit8] step 2/2" in text
+    assert json.loads((out / "config.json").read_text())["num_layers"] == 2 and len(pipe.transformer.blocks) == 2
     # resuming finished cycles loads no latent set
     (tmp_path / "work" / "dit.pt").unlink()
     before = len(log.read_text())
     run_recipe(tmp_path / "work", tiny_recipe(), steps=("dit",), progress=False, threads=None)
     rerun = log.read_text()[before:]
-    assert "[dit7] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
+    assert "[dit8] resumed at step 2" in rerun and "clips from" not in rerun and "scenes x" not in rerun
     assert (tmp_path / "work" / "dit.pt").is_file()
     # the decoder's second cycle ran, warm-started from its first; the third widened it
     assert "[decoder2] step 2/2" in text and (tmp_path / "work" / "decoder_ckpt2.pt").is_file()

@@ -25,7 +25,7 @@ tokens per side (tried for the built-in model in session 10, not shipped: benchm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -65,6 +65,39 @@ class DiTTrainSpec:
     def t5_config(self, vocab: int) -> T5Config:
         return T5Config(vocab=vocab, dim=self.t5_dim, dim_attn=self.t5_dim, dim_ffn=self.t5_ffn,
                         num_heads=self.t5_heads, num_layers=self.t5_layers)
+
+
+def deepen_dit(old: nn.Module, num_layers: int) -> nn.Module:
+    """A `WanModel` with `num_layers` blocks that computes exactly what `old` computes.
+
+    The old blocks keep their order, spread evenly among the new ones (old block j lands at
+    j * num_layers // old_layers). Each new block starts as the identity: its self-attention
+    and cross-attention output projections and its second FFN layer are zero, so it adds
+    nothing to the residual stream until training moves those weights (their gradients are not
+    zero: they see the block's attention and FFN activations). Everything outside the blocks
+    (embeddings, time projection, head) is copied unchanged.
+    """
+    from ..models.dit import WanModel
+
+    old_layers = old.cfg.num_layers
+    if num_layers < old_layers:
+        raise ValueError(f"cannot deepen {old_layers} blocks to {num_layers}")
+    new = WanModel(replace(old.cfg, num_layers=num_layers))
+    keep = {j * num_layers // old_layers: j for j in range(old_layers)}
+    state = new.state_dict()
+    for key, value in old.state_dict().items():
+        if key.startswith("blocks."):
+            _, j, rest = key.split(".", 2)
+            index = next(i for i, src in keep.items() if src == int(j))
+            key = f"blocks.{index}.{rest}"
+        state[key] = value.clone()
+    for i in range(num_layers):
+        if i not in keep:
+            for part in ("self_attn.o", "cross_attn.o", "ffn.2"):
+                state[f"blocks.{i}.{part}.weight"].zero_()
+                state[f"blocks.{i}.{part}.bias"].zero_()
+    new.load_state_dict(state)
+    return new
 
 
 def shift_sigma(u: Tensor, shift: float) -> Tensor:

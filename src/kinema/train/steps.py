@@ -208,13 +208,17 @@ def encode_shape_set(work: Path, recipe: Recipe, layout: Layout, log: Log, progr
     return final
 
 
-def build_dit_and_text(recipe: Recipe, vocab: int):
+def build_dit_and_text(recipe: Recipe, vocab: int, final: bool = False):
+    """The DiT and text encoder as the first DiT cycle starts them, or (`final`) as the last
+    cycle leaves them (a cycle may deepen the DiT)."""
     from ..models.dit import WanModel
     from ..models.t5 import T5Encoder
     from .dit_train import DiTWithText
+    from .recipe import final_dit_spec
 
-    dit = WanModel(recipe.dit.dit_config(recipe.vae.z_dim))
-    t5 = T5Encoder(recipe.dit.t5_config(vocab))
+    spec = final_dit_spec(recipe) if final else recipe.dit
+    dit = WanModel(spec.dit_config(recipe.vae.z_dim))
+    t5 = T5Encoder(spec.t5_config(vocab))
     return DiTWithText(dit, t5)
 
 
@@ -320,7 +324,7 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
 
     latent_set = _latent_loader(work, recipe, log)
 
-    def loss_fn_of(spec, layout: Layout, cycle: int) -> LossFn:
+    def loss_fn_of(model, spec, layout: Layout, cycle: int) -> LossFn:
         def make() -> LossFn:
             data = latent_set(layout)
 
@@ -335,7 +339,7 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
                                     shapes, keyframes)
         return _built_at_first_call(make)
 
-    loss_fn = loss_fn_of(recipe.dit, recipe.layout, 1)
+    loss_fn = loss_fn_of(model, recipe.dit, recipe.layout, 1)
     trainer = Trainer(model, loss_fn, recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
@@ -345,9 +349,17 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
         spec = replace(recipe.dit, batch=cycle.batch or recipe.dit.batch, p_image=cycle.p_image,
                        image_batch=cycle.image_batch, pair_batch=cycle.pair_batch, pair_weight=cycle.pair_weight,
                        keyframe_batch=cycle.keyframe_batch, keyframe_scale=cycle.keyframe_scale)
-        trainer = Trainer(model, loss_fn_of(spec, cycle.layout or recipe.layout, n),
+        deepen = cycle.num_layers is not None and cycle.num_layers != model.dit.cfg.num_layers
+        if deepen:
+            from .dit_train import DiTWithText, deepen_dit
+
+            model.load_state_dict(previous.ema_state())
+            model = DiTWithText(deepen_dit(model.dit, cycle.num_layers), model.t5)
+            log(f"dit: deepened to {cycle.num_layers} blocks ({model.dit.num_params() / 1e6:.2f}M parameters)")
+        trainer = Trainer(model, loss_fn_of(model, spec, cycle.layout or recipe.layout, n),
                           cycle.optim, checkpoint=work / f"dit_ckpt{n}.pt", name=f"dit{n}", log=log)
-        if not trainer.maybe_resume():
+        # a deepened DiT starts a fresh optimizer (the old moments miss the new blocks)
+        if not trainer.maybe_resume() and not deepen:
             trainer.warm_start(previous.state_dict())
         trainer.run(until=cycle.stop_at, progress=progress)
         log(f"dit: cycle {n} stopped at step {trainer.step}, loss {np.mean(trainer.history[-100:]):.5f}")
@@ -392,7 +404,9 @@ def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
     dit = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
     t5 = {k[len("t5."):]: v for k, v in state.items() if k.startswith("t5.")}
     save_file({k: v.half().contiguous() for k, v in dit.items()}, str(out / "diffusion_pytorch_model.safetensors"))
-    cfg = recipe.dit.dit_config(recipe.vae.z_dim)
+    from .recipe import final_dit_spec
+
+    cfg = final_dit_spec(recipe).dit_config(recipe.vae.z_dim)
     config = {"__name__": "Config", "_class_name": "WanModel", "model_type": cfg.model_type,
               "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
               "out_dim": cfg.out_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
@@ -490,7 +504,7 @@ def regenerate_latents(work: Path, recipe: Recipe, log: Log, progress: bool = Tr
         return final
     spec = recipe.adapt
     tokenizer = UMT5Tokenizer.from_dir(work / "tokenizer")
-    model = build_dit_and_text(recipe, tokenizer.vocab_size)
+    model = build_dit_and_text(recipe, tokenizer.vocab_size, final=True)
     model.load_state_dict(torch.load(work / "dit.pt", map_location="cpu", weights_only=True))
     model.eval().requires_grad_(False)
     data = (latent_set or _latent_loader(work, recipe, log))(recipe.adapt_layout)
