@@ -252,14 +252,18 @@ def test_batched_guidance_passes_equal_two_calls(first_frame):
         kw = dict(first_frame=torch.randn(4, 1, 4, 4),
                   token_mask=cnd.token_timestep_mask(3, 4, 4, (1, 2, 2), first_frame_known=True))
     ctx, ctx_null = torch.randn(3, 8), torch.randn(1, 8)
-    runs = {}
+    runs, batches = {}, []
+    dit.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     for batched in (False, True):
         trace: list = []
+        batches.clear()
         out = pl.denoise_video(pl.Experts([dit], 4.0, None, torch.device("cpu")), torch.randn(4, 3, 4, 4,
                                generator=torch.Generator().manual_seed(1)), ctx, ctx_null,
                                _cond((4, 3, 4, 4), **kw), unipc_schedule(3, 5.0), "unipc",
                                trace=trace.append, batch_cfg=batched)
         runs[batched] = (out, trace)
+        # two calls of batch 1 per step, or one call of batch 2
+        assert batches == ([2] * len(trace) if batched else [1] * (2 * len(trace)))
     (a, trace_a), (b, trace_b) = runs[False], runs[True]
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for ca, cb in zip(trace_a, trace_b):
@@ -334,6 +338,22 @@ def test_api_same_seed_same_video_and_no_leak(ti2v_pipe):
     assert np.array_equal(a.frames, a2.frames)
     assert not np.array_equal(a.frames, b.frames)
     assert a.fps == ti2v_pipe.spec.defaults.fps and a.metadata["seed"] == 7
+
+
+def test_api_batches_the_guidance_passes_of_short_sequences(ti2v_pipe, monkeypatch):
+    batches: list = []
+    hook = ti2v_pipe.transformer.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        kw = dict(frames=5, steps=2, size=(64, 64), guidance=4.0)
+        a = ti2v_pipe.generate("a red fox", seed=3, **kw)
+        assert batches == [2, 2]  # a few tokens: both passes in one call per step
+        batches.clear()
+        monkeypatch.setattr(pl, "BATCH_CFG_MAX_TOKENS", 0)  # as for a long sequence
+        b = ti2v_pipe.generate("a red fox", seed=3, **kw)
+        assert batches == [1, 1, 1, 1]
+    finally:
+        hook.remove()
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1  # the same video
 
 
 def test_api_image_to_video_and_save(ti2v_pipe, tmp_path):

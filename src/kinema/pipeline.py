@@ -319,9 +319,9 @@ def _resident(module: Any, device: torch.device, offload: bool) -> Iterator[Any]
 
 
 # Both guidance passes run as one batch up to this many tokens per sample: short calls are
-# dominated by fixed costs (the built-in model's 80-token calls take ~1.4x, not 2x, the time of
-# one on a 2-core CPU), while for long sequences batching saves nothing and doubles the
-# activation memory (a 720p TI2V-5B clip has ~27k tokens).
+# dominated by fixed costs (the built-in model's whole generation, 16- and 80-token calls, is
+# ~1.5 -> ~1.25 s on a 2-core CPU: benchmarks/cfg_batch_bench.py), while for long sequences
+# batching saves nothing and doubles the activation memory (a 720p TI2V-5B clip has ~27k tokens).
 BATCH_CFG_MAX_TOKENS = 4096
 
 

@@ -83,16 +83,15 @@ def deepen_dit(old: nn.Module, num_layers: int) -> nn.Module:
     if num_layers < old_layers:
         raise ValueError(f"cannot deepen {old_layers} blocks to {num_layers}")
     new = WanModel(replace(old.cfg, num_layers=num_layers))
-    keep = {j * num_layers // old_layers: j for j in range(old_layers)}
+    position = [j * num_layers // old_layers for j in range(old_layers)]  # of old block j
     state = new.state_dict()
     for key, value in old.state_dict().items():
         if key.startswith("blocks."):
             _, j, rest = key.split(".", 2)
-            index = next(i for i, src in keep.items() if src == int(j))
-            key = f"blocks.{index}.{rest}"
+            key = f"blocks.{position[int(j)]}.{rest}"
         state[key] = value.clone()
     for i in range(num_layers):
-        if i not in keep:
+        if i not in position:
             for part in ("self_attn.o", "cross_attn.o", "ffn.2"):
                 state[f"blocks.{i}.{part}.weight"].zero_()
                 state[f"blocks.{i}.{part}.bias"].zero_()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .data import SQUARE, Layout
-from .recipe import Recipe
+from .recipe import Recipe, final_dit_spec
 from .trainer import LossFn, Trainer
 
 Log = Callable[[str], None]
@@ -214,7 +214,6 @@ def build_dit_and_text(recipe: Recipe, vocab: int, final: bool = False):
     from ..models.dit import WanModel
     from ..models.t5 import T5Encoder
     from .dit_train import DiTWithText
-    from .recipe import final_dit_spec
 
     spec = final_dit_spec(recipe) if final else recipe.dit
     dit = WanModel(spec.dit_config(recipe.vae.z_dim))
@@ -404,8 +403,6 @@ def export(work: Path, recipe: Recipe, out: Path, log: Log) -> Path:
     dit = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
     t5 = {k[len("t5."):]: v for k, v in state.items() if k.startswith("t5.")}
     save_file({k: v.half().contiguous() for k, v in dit.items()}, str(out / "diffusion_pytorch_model.safetensors"))
-    from .recipe import final_dit_spec
-
     cfg = final_dit_spec(recipe).dit_config(recipe.vae.z_dim)
     config = {"__name__": "Config", "_class_name": "WanModel", "model_type": cfg.model_type,
               "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
