@@ -1,9 +1,13 @@
-"""Seconds per training step of the built-in model's decoder tune, float32 vs bf16 autocast.
+"""Seconds per training step of the built-in model, float32 vs bf16 autocast.
 
-Uses the shipped VAE (`src/kinema/assets/builtin`) and procedural clips; nothing is downloaded
-and no training work folder is needed. The recipe's `OptimConfig.bf16` runs this autocast.
+`--part decoder` (default): the decoder tune, with the shipped VAE (`src/kinema/assets/builtin`)
+and procedural clips. `--part dit`: the flow-matching loss of the final 8-block DiT and its
+text encoder on one batch of random latents (the video half of a recipe step; the image half
+is the same at one latent frame). Nothing is downloaded and no training work folder is
+needed. The recipe's `OptimConfig.bf16` runs this autocast; `kinema train --precision auto`
+keeps it only on CPUs with AVX512-BF16 or AMX, because elsewhere it is emulated.
 
-    python benchmarks/train_step_bench.py [--steps 4] [--threads 2]
+    python benchmarks/train_step_bench.py [--part decoder|dit] [--steps 4] [--threads 2] [--batch 48]
 """
 
 from __future__ import annotations
@@ -19,9 +23,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", choices=("decoder", "dit"), default="decoder")
+    parser.add_argument("--batch", type=int, default=48, help="clips per DiT step (--part dit)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from kinema.train.recipe import native_bf16
 
+    print(f"cpu: {torch.backends.cpu.get_cpu_capability()}, bf16 in hardware (AVX512-BF16 or AMX): {native_bf16()}")
+    step, model = dit_step(args) if args.part == "dit" else decoder_step(args)
+    for bf16 in (False, True):
+        times = []
+        for i in range(args.steps + 1):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = step(i)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            if i:  # the first step warms up allocators and kernels
+                times.append(time.perf_counter() - start)
+        print(f"  {'bf16 autocast' if bf16 else 'float32':14s} median {statistics.median(times):.2f} s/step "
+              f"({', '.join(f'{t:.2f}' for t in times)})")
+
+
+def dit_step(args):
+    from kinema.train.dit_train import flow_loss
+    from kinema.train.recipe import Recipe, final_dit_spec
+    from kinema.train.steps import build_dit_and_text
+
+    recipe = Recipe()
+    spec = final_dit_spec(recipe)
+    model = build_dit_and_text(recipe, recipe.vocab_size, final=True)
+    frames = (recipe.frames - 1) // 4 + 1
+    cells = recipe.size // 16  # the Wan2.2 VAE's 16x spatial stride
+    latents = torch.randn(args.batch, recipe.vae.z_dim, frames, cells, cells, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, recipe.vocab_size, (args.batch, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    print(f"DiT step: {spec.num_layers} blocks, {args.batch} clips of {tuple(latents.shape[1:])} latents, "
+          f"{args.threads} threads")
+    return (lambda i: flow_loss(model, spec, latents, ids, mask, torch.Generator().manual_seed(i))[0]), model
+
+
+def decoder_step(args):
     from kinema.pipeline import BUILTIN_DIR
     from kinema.models.vae import WanVAE
     from kinema.train.data import make_clip, train_combos
@@ -43,18 +85,7 @@ def main() -> None:
     loss_fn = make_decoder_loss_fn(vae, recipe.decoder, latents, 0, 0, recipe.size, recipe.frames)
     print(f"decoder tune step: 1 clip of {recipe.frames} frames at {recipe.size}x{recipe.size}, "
           f"{args.threads} threads")
-    for bf16 in (False, True):
-        times = []
-        for step in range(args.steps + 1):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = loss_fn(step, torch.Generator().manual_seed(step))
-            vae.zero_grad(set_to_none=True)
-            loss.backward()
-            if step:  # the first step warms up allocators and kernels
-                times.append(time.perf_counter() - start)
-        print(f"  {'bf16 autocast' if bf16 else 'float32':14s} median {statistics.median(times):.2f} s/step "
-              f"({', '.join(f'{t:.2f}' for t in times)})")
+    return (lambda i: loss_fn(i, torch.Generator().manual_seed(i))[0]), vae
 
 
 if __name__ == "__main__":

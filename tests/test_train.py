@@ -255,6 +255,22 @@ def test_checkpoint_resume_reproduces_the_same_run(tmp_path):
         assert torch.equal(full.ema[k], resumed.ema[k]), k
 
 
+def test_recent_loss_is_the_history_mean_and_says_when_there_is_none(tmp_path):
+    cfg = OptimConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2)
+    model, loss_fn, _ = _tiny_dit_setup()
+    trained = Trainer(model, loss_fn, cfg, checkpoint=tmp_path / "a.pt")
+    trained.run(progress=False)
+    assert trained.recent_loss(2) == f"{np.mean(trained.history[-2:]):.5f}"
+    assert trained.recent_loss(100) == f"{np.mean(trained.history):.5f}"
+    # a checkpoint written without training (as when a run starts from given weights) holds no
+    # history: the log says so instead of printing nan
+    blank = Trainer(model, loss_fn, cfg, checkpoint=tmp_path / "b.pt")
+    blank.step = cfg.steps
+    blank.save()
+    resumed = Trainer(model, loss_fn, cfg, checkpoint=tmp_path / "b.pt")
+    assert resumed.maybe_resume() and resumed.recent_loss(100) == "none logged"
+
+
 def test_warm_start_continues_from_the_weights_with_a_new_schedule():
     model, loss_fn, eval_loss = _tiny_dit_setup()
     first = Trainer(model, loss_fn, OptimConfig(steps=40, lr=3e-3, warmup=5))
@@ -488,6 +504,53 @@ def test_train_cli_rejects_an_unknown_step(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'exprot'" in err[0] and "decoder" in err[0], err
     assert not work.exists()  # nothing ran, not even the tokenizer step
+
+
+
+def _bf16_flags(value) -> list[bool]:
+    """Every OptimConfig.bf16 in a recipe (as its recipe.json would show them)."""
+    if isinstance(value, dict):
+        return ([value["bf16"]] if "bf16" in value else []) + [f for v in value.values() for f in _bf16_flags(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _bf16_flags(v)]
+    return []
+
+
+def test_precision_turns_bf16_cycles_off_where_the_cpu_would_emulate_them(monkeypatch):
+    from dataclasses import asdict
+
+    import kinema.train.recipe as rc
+    from kinema.errors import InputError
+
+    recipe = rc.Recipe()
+    flags = _bf16_flags(asdict(recipe))
+    assert any(flags) and not all(flags)  # the shipped recipe mixes float32 and bf16 cycles
+    fp32 = rc.with_precision(recipe, "fp32")
+    assert not any(_bf16_flags(asdict(fp32)))
+    # nothing else changes: switching the flags back restores the recipe
+    assert fp32.dit_more[-1].optim == replace(recipe.dit_more[-1].optim, bf16=False)
+    assert replace(fp32, dit=recipe.dit) == fp32 and fp32.dit_more[-1].num_layers == recipe.dit_more[-1].num_layers
+    assert rc.with_precision(recipe, "bf16") is recipe
+    monkeypatch.setattr(rc, "native_bf16", lambda: True)
+    assert rc.with_precision(recipe, "auto") is recipe
+    monkeypatch.setattr(rc, "native_bf16", lambda: False)
+    assert rc.with_precision(recipe, "auto") == fp32
+    with pytest.raises(InputError, match="'fp16'.*auto, bf16, fp32"):
+        rc.with_precision(recipe, "fp16")
+
+
+def test_train_cli_precision_is_logged_and_recorded(capsys, tmp_path):
+    from kinema.cli import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--work", str(work), "--tiny", "--steps", "tokenizer", "--precision", "half"])
+    assert exc.value.code != 0 and "'half'" in capsys.readouterr().err and not work.exists()
+    main(["train", "--work", str(work), "--tiny", "--steps", "tokenizer", "--precision", "fp32"])
+    assert "bf16 autocast off (--precision fp32)" in (work / "train.log").read_text()
+    assert not any(_bf16_flags(json.loads((work / "recipe.json").read_text())))
+    main(["train", "--work", str(work), "--tiny", "--steps", "tokenizer", "--precision", "bf16"])
+    assert any(_bf16_flags(json.loads((work / "recipe.json").read_text())))
 
 
 def test_edge_loss_term_is_added_and_sees_blur():

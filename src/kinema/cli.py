@@ -84,12 +84,14 @@ def train(
     steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of tokenizer,vae,latents,decoder,dit,adapt,export (default: all)."),
     tiny: bool = typer.Option(False, "--tiny", help="Minutes-scale smoke configuration."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+    precision: str = typer.Option("auto", "--precision", help="auto, bf16 or fp32: autocast of the recipe's bf16 cycles (auto: bf16 only on CPUs with AVX512-BF16 or AMX)."),
 ) -> None:
     """Train the built-in small model from nothing (procedural data) and export it."""
     from .train.recipe import STEPS, Recipe, run_recipe, tiny_recipe
 
     chosen = tuple(s.strip() for s in steps.split(",")) if steps else STEPS
-    run_recipe(work, tiny_recipe() if tiny else Recipe(), chosen, out=out, threads=threads)
+    run_recipe(work, tiny_recipe() if tiny else Recipe(), chosen, out=out, threads=threads,
+               precision=precision)
 
 
 @app.command("eval")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -222,6 +222,47 @@ def tiny_recipe() -> Recipe:
     )
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles). Elsewhere
+    PyTorch emulates it: a DiT step under bf16 autocast took 75 s instead of 4.2 s in float32
+    on an AVX2-only AMD EPYC (`benchmarks/train_step_bench.py --part dit`)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def _without_bf16(value):
+    """`value` with bf16=False in every `OptimConfig` it holds (dataclasses and tuples walked)."""
+    if isinstance(value, OptimConfig):
+        return replace(value, bf16=False)
+    if isinstance(value, tuple):
+        return tuple(_without_bf16(v) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: _without_bf16(getattr(value, f.name)) for f in fields(value)
+                                 if f.init})
+    return value
+
+
+def with_precision(recipe: Recipe, precision: str = "auto") -> Recipe:
+    """The recipe as it will run: "bf16" keeps its bf16 autocast cycles, "fp32" runs every
+    cycle in float32, "auto" keeps bf16 only where the CPU has it in hardware (`native_bf16`).
+    Float32 cycles give slightly different weights than the shipped bf16 run, not a worse
+    model; emulated bf16 would turn the 12-h recipe into weeks."""
+    if precision not in PRECISIONS:
+        from ..errors import InputError
+
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and native_bf16()):
+        return recipe
+    return _without_bf16(recipe)
+
+
+def _uses_bf16(recipe: Recipe) -> bool:
+    return _without_bf16(recipe) != recipe
+
+
 def _logger(work: Path) -> Callable[[str], None]:
     log_file = work / "train.log"
 
@@ -234,8 +275,10 @@ def _logger(work: Path) -> Callable[[str], None]:
 
 
 def run_recipe(work: Path, recipe: Recipe | None = None, steps: tuple[str, ...] = STEPS,
-               out: Path | None = None, threads: int | None = 2, progress: bool = True) -> Path:
-    """Run the recipe steps in `work`; the exported model folder is `out` (default work/model)."""
+               out: Path | None = None, threads: int | None = 2, progress: bool = True,
+               precision: str = "auto") -> Path:
+    """Run the recipe steps in `work`; the exported model folder is `out` (default work/model).
+    `precision` picks the autocast of the bf16 cycles (`with_precision`)."""
     from . import steps as st
 
     unknown = [s for s in steps if s not in STEPS]
@@ -244,12 +287,17 @@ def run_recipe(work: Path, recipe: Recipe | None = None, steps: tuple[str, ...] 
 
         raise InputError(f"unknown training step(s) {', '.join(map(repr, unknown))}; "
                          f"the steps are {', '.join(STEPS)}")
-    recipe = recipe or Recipe()
+    asked = recipe or Recipe()
+    recipe = with_precision(asked, precision)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     log = _logger(work)
+    if _uses_bf16(asked) and recipe != asked:
+        log("bf16 autocast off (" + ("--precision fp32" if precision == "fp32" else
+            "this CPU has no AVX512-BF16 or AMX, so bfloat16 would be emulated, ~20x slower") +
+            "): every cycle trains in float32; the weights will differ slightly from the shipped ones")
     (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1), encoding="utf-8")
     out = Path(out) if out is not None else work / "model"
     for name in STEPS:

@@ -60,7 +60,7 @@ def train_vae(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     mean, std = latent_stats(vae, clips_to_tensor(clips))
     fold_latent_stats(vae, mean, std)
     torch.save(vae.state_dict(), final)
-    log(f"vae: final loss {np.mean(trainer.history[-20:]):.5f}; latent std range "
+    log(f"vae: final loss {trainer.recent_loss(20)}; latent std range "
         f"{float(std.min()):.3f}..{float(std.max()):.3f}")
     return final
 
@@ -342,7 +342,7 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
     trainer = Trainer(model, loss_fn, recipe.dit_optim, checkpoint=work / "dit_ckpt.pt", name="dit", log=log)
     trainer.maybe_resume()
     trainer.run(progress=progress)
-    log(f"dit: cycle 1 final loss {np.mean(trainer.history[-100:]):.5f}")
+    log(f"dit: cycle 1 final loss {trainer.recent_loss(100)}")
     for n, cycle in enumerate(recipe.dit_more, start=2):
         previous = trainer
         spec = replace(recipe.dit, batch=cycle.batch or recipe.dit.batch, p_image=cycle.p_image,
@@ -361,7 +361,7 @@ def train_dit(work: Path, recipe: Recipe, log: Log, progress: bool = True) -> Pa
         if not trainer.maybe_resume() and not deepen:
             trainer.warm_start(previous.state_dict())
         trainer.run(until=cycle.stop_at, progress=progress)
-        log(f"dit: cycle {n} stopped at step {trainer.step}, loss {np.mean(trainer.history[-100:]):.5f}")
+        log(f"dit: cycle {n} stopped at step {trainer.step}, loss {trainer.recent_loss(100)}")
     torch.save(trainer.ema_state(), final)
     return final
 
@@ -448,7 +448,7 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
     trainer.maybe_resume()
     trainer.run(progress=progress)
     for n, cycle in enumerate(recipe.decoder_more, start=2):
-        log(f"decoder: cycle {n - 1} final loss {np.mean(trainer.history[-50:]):.5f}")
+        log(f"decoder: cycle {n - 1} final loss {trainer.recent_loss(50)}")
         previous = trainer
         widen = cycle.dec_dim is not None and cycle.dec_dim != (vae.cfg.dec_dim or vae.cfg.dim)
         if widen:
@@ -470,7 +470,7 @@ def tune_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) ->
         trainer.run(progress=progress)
     vae.load_state_dict(trainer.ema_state())
     torch.save(vae.state_dict(), final)
-    log(f"decoder: final loss {np.mean(trainer.history[-50:]):.5f}")
+    log(f"decoder: final loss {trainer.recent_loss(50)}")
     return final
 
 
@@ -553,5 +553,5 @@ def adapt_decoder(work: Path, recipe: Recipe, log: Log, progress: bool = True) -
     trainer.run(progress=progress)
     vae.load_state_dict(trainer.ema_state())
     torch.save(vae.state_dict(), final)
-    log(f"adapt: final loss {np.mean(trainer.history[-50:]):.5f}")
+    log(f"adapt: final loss {trainer.recent_loss(50)}")
     return final

@@ -162,6 +162,12 @@ class Trainer:
             return ""
         return " (" + ", ".join(f"{k} {np.mean([p[k] for p in recent if k in p]):.4f}" for k in recent[0]) + ")"
 
+    def recent_loss(self, n: int) -> str:
+        """Mean of the last `n` logged losses, as log text ("none logged" for a checkpoint that
+        holds no history, e.g. one written without training)."""
+        recent = self.history[-n:]
+        return f"{np.mean(recent):.5f}" if recent else "none logged"
+
     def run(self, until: int | None = None, progress: bool = True) -> list[float]:
         """Train up to step `until` (default: cfg.steps), checkpointing on the way."""
         from tqdm import tqdm
