@@ -34,7 +34,8 @@ class OptimConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
-    # bfloat16 autocast of the forward (AVX512-BF16 CPUs run the matmuls ~1.4x faster);
+    # bfloat16 autocast of the forward (AVX512-BF16 CPUs run the matmuls ~1.4x faster; other
+    # CPUs emulate bf16 far slower, so `recipe.with_precision` turns it off there);
     # weights, optimizer state and the loss reduction stay float32
     bf16: bool = False
 
