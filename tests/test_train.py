@@ -506,7 +506,6 @@ def test_train_cli_rejects_an_unknown_step(capsys, tmp_path):
     assert not work.exists()  # nothing ran, not even the tokenizer step
 
 
-
 def _bf16_flags(value) -> list[bool]:
     """Every OptimConfig.bf16 in a recipe (as its recipe.json would show them)."""
     if isinstance(value, dict):

@@ -259,10 +259,6 @@ def with_precision(recipe: Recipe, precision: str = "auto") -> Recipe:
     return _without_bf16(recipe)
 
 
-def _uses_bf16(recipe: Recipe) -> bool:
-    return _without_bf16(recipe) != recipe
-
-
 def _logger(work: Path) -> Callable[[str], None]:
     log_file = work / "train.log"
 
@@ -294,7 +290,7 @@ def run_recipe(work: Path, recipe: Recipe | None = None, steps: tuple[str, ...] 
     if threads:
         torch.set_num_threads(threads)
     log = _logger(work)
-    if _uses_bf16(asked) and recipe != asked:
+    if recipe != asked:  # with_precision turned bf16 cycles off
         log("bf16 autocast off (" + ("--precision fp32" if precision == "fp32" else
             "this CPU has no AVX512-BF16 or AMX, so bfloat16 would be emulated, ~20x slower") +
             "): every cycle trains in float32; the weights will differ slightly from the shipped ones")
