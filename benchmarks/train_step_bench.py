@@ -8,6 +8,10 @@ needed. The recipe's `OptimConfig.bf16` runs this autocast; `kinema train --prec
 keeps it only on CPUs with AVX512-BF16 or AMX, because elsewhere it is emulated.
 
     python benchmarks/train_step_bench.py [--part decoder|dit] [--steps 4] [--threads 2] [--batch 48]
+        [--patch 2|1] [--latent-frames 5|1]
+
+`--patch 1` measures the same DiT with 1x1 spatial patches (4x the tokens); `--latent-frames 1`
+the image half of a recipe step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--part", choices=("decoder", "dit"), default="decoder")
     parser.add_argument("--batch", type=int, default=48, help="clips per DiT step (--part dit)")
+    parser.add_argument("--patch", type=int, choices=(1, 2), default=2, help="DiT spatial patch (--part dit)")
+    parser.add_argument("--latent-frames", type=int, default=None,
+                        help="latent frames per sample (--part dit; default: the recipe's clips, 1 = images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from kinema.train.recipe import native_bf16
@@ -46,20 +53,26 @@ def main() -> None:
 
 
 def dit_step(args):
-    from kinema.train.dit_train import flow_loss
+    from dataclasses import replace
+
+    from kinema.models.dit import WanModel
+    from kinema.train.dit_train import DiTWithText, flow_loss
     from kinema.train.recipe import Recipe, final_dit_spec
     from kinema.train.steps import build_dit_and_text
 
     recipe = Recipe()
     spec = final_dit_spec(recipe)
     model = build_dit_and_text(recipe, recipe.vocab_size, final=True)
-    frames = (recipe.frames - 1) // 4 + 1
+    if args.patch != 2:
+        model = DiTWithText(WanModel(replace(model.dit.cfg, patch_size=(1, args.patch, args.patch))), model.t5)
+    frames = (recipe.frames - 1) // 4 + 1 if args.latent_frames is None else args.latent_frames
     cells = recipe.size // 16  # the Wan2.2 VAE's 16x spatial stride
     latents = torch.randn(args.batch, recipe.vae.z_dim, frames, cells, cells, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(1, recipe.vocab_size, (args.batch, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    print(f"DiT step: {spec.num_layers} blocks, {args.batch} clips of {tuple(latents.shape[1:])} latents, "
-          f"{args.threads} threads")
+    params = sum(p.numel() for p in model.dit.parameters()) / 1e6
+    print(f"DiT step: {spec.num_layers} blocks, {args.patch}x{args.patch} patches ({params:.2f} M parameters), "
+          f"{args.batch} samples of {tuple(latents.shape[1:])} latents, {args.threads} threads")
     return (lambda i: flow_loss(model, spec, latents, ids, mask, torch.Generator().manual_seed(i))[0]), model
 
 

@@ -119,8 +119,14 @@ def test_seed_reproduces_and_layouts_agree(capsys, models, tmp_path, monkeypatch
     assert decoded_diff("a.mp4", "a2.mp4") < 2 < 10 < decoded_diff("a.mp4", "b.mp4")
     # same weights in the diffusers layout: the same video
     assert np.array_equal(a, run("a_diffusers.mp4", 11, layout="diffusers"))
-    for sampler in ("dpm++", "euler"):
+    for sampler in ("dpm++", "euler", "ddpm"):
         assert not np.array_equal(a, run(f"{sampler}.mp4", 11, sampler=sampler))
+    # the stochastic sampler's step noise follows the seed too
+    assert np.array_equal(written["ddpm.mp4"], run("ddpm2.mp4", 11, sampler="ddpm"))
+    assert not np.array_equal(written["ddpm.mp4"], run("ddpm3.mp4", 12, sampler="ddpm"))
+    sidecar = json.loads((tmp_path / "ddpm.json").read_text())
+    assert sidecar["sampler"] == "ddpm" and "step_noise_generator" in sidecar["step_noise"]
+    assert json.loads((tmp_path / "a.json").read_text())["step_noise"] is None
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])

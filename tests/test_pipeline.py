@@ -402,6 +402,33 @@ def test_image_first_is_text_to_image_then_image_to_video(ti2v_pipe):
     assert np.array_equal(again.frames, two.frames)
 
 
+def test_ddpm_image_first_pass_is_the_one_frame_video(ti2v_pipe):
+    """The stochastic sampler keeps the image-first contract: pass 1 draws the same step noise as
+    `frames=1` with this seed, and a seed gives one video."""
+    kw = dict(steps=3, size=(64, 64), seed=4, sampler="ddpm")
+    two = ti2v_pipe.generate("a red fox", frames=9, image_first=True, **kw)
+    still = ti2v_pipe.generate("a red fox", frames=1, **kw)
+    assert np.abs(two.frames[0].astype(int) - still.frames[0]).max() <= 1
+    assert np.array_equal(two.frames, ti2v_pipe.generate("a red fox", frames=9, image_first=True, **kw).frames)
+    euler = ti2v_pipe.generate("a red fox", frames=1, **{**kw, "sampler": "euler"})
+    assert not np.array_equal(still.frames, euler.frames)
+    assert "--sampler ddpm" in two.metadata["command"]
+    # one stream per (seed, latent shape), none of them the initial noise's
+    shape = (4, 1, 4, 4)
+    a = torch.randn(shape, generator=pl.step_noise_generator(4, shape))
+    assert torch.equal(a, torch.randn(shape, generator=pl.step_noise_generator(4, shape)))
+    assert not torch.equal(a, pl.draw_noise(shape, 4))
+    assert not torch.equal(a, torch.randn(shape, generator=pl.step_noise_generator(5, shape)))
+    assert not torch.equal(a, torch.randn(shape, generator=pl.step_noise_generator(4, (4, 2, 4, 4)))[:, :1])
+
+
+def test_stochastic_sampler_needs_a_generator():
+    experts = pl.Experts([FakeDiT(0, [])], 1.0, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="Generator"):
+        pl.denoise_video(experts, torch.randn(4, 3, 2, 2), torch.ones(2, 8), None, _cond(), unipc_schedule(3, 5.0),
+                         "ddpm")
+
+
 def test_image_first_scale_draws_the_first_frame_larger_then_shrinks_it(ti2v_pipe):
     kw = dict(steps=2, seed=3)
     seen: list = []

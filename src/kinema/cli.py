@@ -45,7 +45,8 @@ def generate(
         None, "--guidance", help="Classifier-free guidance scale; 1 skips the negative pass. Two-expert models "
         "also take LOW,HIGH (low-noise, high-noise expert) (default: the model's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift (default: the model's)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc (default), dpm++ or euler."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc, dpm++, euler or ddpm (stochastic: fresh noise "
+                                           "each step, from the seed) (default: the model's)."),
     image_first: Optional[bool] = typer.Option(
         None, "--image-first/--joint", help="TI2V text-to-video: make the first frame from the text, then "
         "animate it (two passes), or all frames at once (default: the model's; the built-in model: image first)."),

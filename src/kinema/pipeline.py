@@ -41,7 +41,7 @@ from torch import Tensor
 from . import conditioning as cnd
 from .config import ModelSpec
 from .errors import InputError, KinemaError, ModelFolderError
-from .sampling import SAMPLERS, Schedule
+from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, Schedule
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "assets" / "builtin"
 SIDECAR_SUFFIX = ".json"
@@ -205,6 +205,18 @@ def draw_noise(shape: Sequence[int], seed: int) -> Tensor:
     """Initial noise: one float32 randn of `shape` from a CPU generator seeded with `seed`."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+def step_noise_generator(seed: int, shape: Sequence[int]) -> torch.Generator:
+    """The CPU generator of a stochastic sampler's per-step noise, for a pass over a latent of
+    `shape` [C, T, h, w].
+
+    Seeded from a hash of (seed, shape), not from `seed` itself, so it never replays the initial
+    noise (nor that of a neighbouring seed); keyed by the shape so that the image pass of
+    image-first text-to-video stays exactly the `frames=1` video of the same seed."""
+    key = "x".join(str(int(n)) for n in shape)
+    digest = hashlib.sha256(f"kinema-step-noise:{int(seed)}:{key}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,18 +396,25 @@ def denoise_video(experts: Experts, noise: Tensor, context: Tensor, context_null
                   cond: Conditioning, schedule: Schedule, sampler: str, *,
                   device: torch.device | str = "cpu",
                   callback: Optional[StepCallback] = None,
-                  trace: Optional[Callable[[ModelCall], object]] = None, batch_cfg: bool = False) -> Tensor:
+                  trace: Optional[Callable[[ModelCall], object]] = None, batch_cfg: bool = False,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
     """The sampling loop every task shares: noise [C, T, h, w] -> final latent [C, T, h, w].
 
     A task only supplies its `Conditioning`: the extra channels `y`, the per-token timestep
     mask, and the known first frame (reset before the loop and after every step, in the
     solver's own state, as the official TI2V image path does). The solver history is kept
-    across an expert switch.
+    across an expert switch. `generator` feeds the noise of a stochastic sampler (required
+    there, unused by the others).
     """
     device = torch.device(device)
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     sample_fn = SAMPLERS[sampler][1]
+    extra = {}
+    if sampler in STOCHASTIC_SAMPLERS:
+        if generator is None:
+            raise ValueError(f"the {sampler} sampler draws noise while it runs: pass a torch.Generator")
+        extra["generator"] = generator
     x = noise.to(device=device, dtype=torch.float32)[None]
     post_step = None
     if cond.first_frame is not None:
@@ -412,7 +431,7 @@ def denoise_video(experts: Experts, noise: Tensor, context: Tensor, context_null
             callback(StepInfo(i + 1, schedule.steps, t, experts.name(experts.pick(t)), latent, x0))
 
     try:
-        out = sample_fn(denoise, x, schedule, post_step=post_step, callback=on_step)
+        out = sample_fn(denoise, x, schedule, post_step=post_step, callback=on_step, **extra)
     finally:
         experts.release()
     return out[0]
@@ -793,7 +812,8 @@ class Pipeline:
                 experts = Experts(models, s.guidance, s.boundary, self.device, self.offload)
                 return denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
                                      device=self.device, callback=callback, trace=hooks.on_model_call,
-                                     batch_cfg=cond.plan.seq_len <= BATCH_CFG_MAX_TOKENS)
+                                     batch_cfg=cond.plan.seq_len <= BATCH_CFG_MAX_TOKENS,
+                                     generator=step_noise_generator(s.seed, noise.shape))
 
             if s.image_first and s.image_first_scale > 1:
                 # pass 1: text-to-image at k x the size, exactly `frames=1, size=k*size` with this
@@ -851,6 +871,8 @@ class Pipeline:
             "boundary": s.boundary,
             "seed": s.seed,
             "noise": "torch.randn float32, torch.Generator('cpu').manual_seed(seed)",
+            "step_noise": ("torch.randn float32 per step, kinema.pipeline.step_noise_generator(seed, latent shape)"
+                           if s.sampler in STOCHASTIC_SAMPLERS else None),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "seconds": round(seconds, 3),
@@ -917,5 +939,5 @@ __all__ = [
     "Conditioning", "Experts", "Hooks", "ModelCall", "Pipeline", "Settings", "StepInfo", "TaskPlan",
     "Video", "check_output_path", "condition", "decode_frames", "denoise_video", "draw_noise",
     "load", "make_denoiser", "parse_size", "plan_task", "resolve_device", "resolve_dtype",
-    "resolve_settings", "sidecar_path",
+    "resolve_settings", "sidecar_path", "step_noise_generator",
 ]

@@ -1,10 +1,11 @@
-"""Flow-matching samplers (UniPC, DPM-Solver++, Euler) as pure functions.
+"""Flow-matching samplers (UniPC, DPM-Solver++, Euler, DDPM) as pure functions.
 
 Conventions (spec §5.1): ``x_σ = (1 − σ)·x0 + σ·ε``; the model predicts the velocity
 ``v = ε − x0``; the x0-prediction is ``m = x − σ·v``; log-SNR ``λ(σ) = log(1 − σ) − log σ``.
 
 Each sampler keeps its multistep history in local variables, so a run is a plain function of
-(denoiser, initial latent, schedule). The numbers reproduce the official Wan2.2 schedulers:
+(denoiser, initial latent, schedule), plus an explicit ``torch.Generator`` for the stochastic one
+(DDPM, `STOCHASTIC_SAMPLERS`). The deterministic ones reproduce the official Wan2.2 schedulers:
 per-step scalars (σ ratios, λ, expm1, the UniC 2×2 solve, ...) are computed one by one on 0-d
 CPU float32 tensors exactly as the official step functions do, and only then applied to the
 latent as Python floats (which works for a latent on any device). A float64 latent switches the
@@ -24,6 +25,7 @@ across the switch (spec §2.11).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -282,8 +284,62 @@ def sample_euler(denoise: Denoiser, x: Tensor, schedule: Schedule, *,
     return sample.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- DDPM (ancestral)
+
+
+def ddpm_schedule(steps: int, shift: float) -> Schedule:
+    """DDPM uses the UniPC grid."""
+    return unipc_schedule(steps, shift)
+
+
+def sample_ddpm(denoise: Denoiser, x: Tensor, schedule: Schedule, *, generator: torch.Generator,
+                eta: float = 1.0, post_step: Optional[PostStep] = None,
+                callback: Optional[Callback] = None) -> Tensor:
+    """Ancestral sampling: each step draws ``x_s`` from the forward process's posterior
+    ``q(x_s | x_t, x0 = m)`` around the model's x0-prediction (DDIM's update with ``eta``;
+    ``eta = 1`` is DDPM, ``eta = 0`` the deterministic DDIM/Euler path).
+
+    With ``α = 1 − σ`` and ``ε̂ = (x_t − α_t·m) / σ_t``::
+
+        x_s = α_s·m + sqrt(σ_s² − σ_η²)·ε̂ + σ_η·z,   σ_η = eta·σ_s·sqrt(1 − (α_t·σ_s / (α_s·σ_t))²)
+
+    Why it exists: an under-trained denoiser's x0-prediction is a blurred average, and the
+    deterministic ODE carries that blur to the end; fresh noise each step lets the model redraw
+    the detail (the built-in model's squares keep more of their corners on training prompts,
+    not on held-out ones: benchmarks/builtin_eval.md, session 17).
+    ``z`` is float32 noise drawn on the CPU from ``generator`` (so a seed gives the same video on
+    any device) and moved to the latent's device. No official counterpart: the per-step scalars
+    are plain float64 Python arithmetic on the schedule's sigmas.
+    """
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:
+        raise InputError(f"eta must be in [0, 1], got {eta!r}")
+    sig = [float(v) for v in schedule.sigmas.detach().cpu().to(torch.float32).tolist()]
+    sample = x.to(_compute_dtype(x))
+    for i in range(schedule.steps):
+        t, sigma = _model_args(schedule, i)
+        v = denoise(sample, t, sigma).to(sample.dtype)
+        s_t, s_s = sig[i], sig[i + 1]
+        m = sample - s_t * v
+        if s_s == 0.0:
+            x_next = m  # the last step lands on the x0-prediction
+        else:
+            eps = (sample - (1.0 - s_t) * m) / s_t
+            r = ((1.0 - s_t) * s_s) / ((1.0 - s_s) * s_t)  # α_t σ_s / (α_s σ_t) <= 1
+            s_eta = eta * s_s * math.sqrt(max(0.0, 1.0 - r * r))
+            x_next = (1.0 - s_s) * m + math.sqrt(max(0.0, s_s * s_s - s_eta * s_eta)) * eps
+            if s_eta > 0.0:
+                z = torch.randn(tuple(sample.shape), generator=generator, dtype=torch.float32)
+                x_next = x_next + s_eta * z.to(device=sample.device, dtype=sample.dtype)
+        sample = _finish(i, x_next, m, post_step, callback)
+    return sample.to(x.dtype)
+
+
 SAMPLERS: dict[str, tuple[Callable[[int, float], Schedule], Callable[..., Tensor]]] = {
     "unipc": (unipc_schedule, sample_unipc),
     "dpm++": (dpmpp_schedule, sample_dpmpp),
     "euler": (euler_schedule, sample_euler),
+    "ddpm": (ddpm_schedule, sample_ddpm),
 }
+# Samplers that draw noise while they run: they take a `generator=` keyword.
+STOCHASTIC_SAMPLERS = frozenset({"ddpm"})
