@@ -287,11 +287,6 @@ def sample_euler(denoise: Denoiser, x: Tensor, schedule: Schedule, *,
 # ----------------------------------------------------------------------------- DDPM (ancestral)
 
 
-def ddpm_schedule(steps: int, shift: float) -> Schedule:
-    """DDPM uses the UniPC grid."""
-    return unipc_schedule(steps, shift)
-
-
 def sample_ddpm(denoise: Denoiser, x: Tensor, schedule: Schedule, *, generator: torch.Generator,
                 eta: float = 1.0, post_step: Optional[PostStep] = None,
                 callback: Optional[Callback] = None) -> Tensor:
@@ -314,7 +309,7 @@ def sample_ddpm(denoise: Denoiser, x: Tensor, schedule: Schedule, *, generator: 
     eta = float(eta)
     if not 0.0 <= eta <= 1.0:
         raise InputError(f"eta must be in [0, 1], got {eta!r}")
-    sig = [float(v) for v in schedule.sigmas.detach().cpu().to(torch.float32).tolist()]
+    sig = schedule.sigmas.detach().cpu().to(torch.float32).tolist()
     sample = x.to(_compute_dtype(x))
     for i in range(schedule.steps):
         t, sigma = _model_args(schedule, i)
@@ -339,7 +334,7 @@ SAMPLERS: dict[str, tuple[Callable[[int, float], Schedule], Callable[..., Tensor
     "unipc": (unipc_schedule, sample_unipc),
     "dpm++": (dpmpp_schedule, sample_dpmpp),
     "euler": (euler_schedule, sample_euler),
-    "ddpm": (ddpm_schedule, sample_ddpm),
+    "ddpm": (unipc_schedule, sample_ddpm),  # the UniPC grid
 }
 # Samplers that draw noise while they run: they take a `generator=` keyword.
 STOCHASTIC_SAMPLERS = frozenset({"ddpm"})
