@@ -418,7 +418,17 @@ class WanModel(nn.Module):
         if x.shape[1] != cfg.in_dim:
             raise InputError(f"latents (+ y) have {x.shape[1]} channels; the model expects {cfg.in_dim}")
         batch = x.shape[0]
+        state = self.prepare(x, t, context, seq_len)
+        h = self.run_blocks(state.h, state)
+        return self.finish(h, state)
 
+    # The forward pass in three stages, so that step caching (skip `run_blocks`), block offload
+    # (stream blocks in `run_blocks`) and sequence parallelism (shard `state` between stages)
+    # each hook into one place without a second copy of the forward.
+
+    def prepare(self, x: Tensor, t: Tensor, context: Tensor | list[Tensor], seq_len: int | None) -> "DiTState":
+        """Patch, time and text embeddings for x [B, in_dim, F, H, W] (y already concatenated)."""
+        batch = x.shape[0]
         h, grid, n = self.patchify(x, seq_len)
         length = h.shape[1]
         tc = self.embed_time(t, batch, n, length)
@@ -430,12 +440,32 @@ class WanModel(nn.Module):
         rope = self._rope(grid, length, h.device, attn_dtype)
         # Every sample has the same grid, so one key length for all; None when nothing is padded.
         k_lens = None if length == n else torch.full((batch,), n, dtype=torch.int64)
+        return DiTState(h=h, tc=tc, ctx=ctx, rope=rope, k_lens=k_lens, grid=grid, n=n)
 
+    def run_blocks(self, h: Tensor, state: "DiTState") -> Tensor:
+        """The transformer blocks over the residual stream h [B, L, dim] float32."""
         for block in self.blocks:
-            h = block(h, tc, ctx, rope, k_lens)
+            h = block(h, state.tc, state.ctx, state.rope, state.k_lens)
+        return h
+
+    def finish(self, h: Tensor, state: "DiTState") -> Tensor:
+        """Head and unpatchify: h [B, L, dim] -> velocity [B, out_dim, F, H, W] float32."""
         with torch.autocast(h.device.type, enabled=False):
-            out = self.head(h, tc)
-        return self.unpatchify(out, grid, n)
+            out = self.head(h, state.tc)
+        return self.unpatchify(out, state.grid, state.n)
+
+
+@dataclass
+class DiTState:
+    """What `WanModel.prepare` hands to the blocks and the head (shapes for B samples, L tokens)."""
+
+    h: Tensor  # [B, L, dim] float32 residual stream after the patch embedding
+    tc: TimeCond
+    ctx: Tensor  # [B, L_txt, dim] embedded text
+    rope: Tensor  # [L, head_dim / 2] complex rotation table
+    k_lens: Tensor | None  # [B] valid key count when L is padded, else None
+    grid: tuple[int, int, int]  # (F', H', W') token grid
+    n: int  # real (unpadded) token count
 
 
 def build_dit(cfg: DiTConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> WanModel:
