@@ -464,7 +464,7 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert big["specs"] == shapes["specs"] and torch.equal(big["valid"], shapes["valid"])
     assert big["latents"].shape[-2:] == tuple(2 * n for n in shapes["latents"].shape[-2:])
     assert json.loads((out / "kinema.json").read_text())["defaults"]["image_first_scale"] == 2
-    assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["image_first_scale"] == 2
+    assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["settings"]["image_first_scale"] == 2
     # the aligned cycle: its own latent set (one size, frame 0 on the 8-px grid, wide squares)
     assert "[dit7] step 2/2" in text and "8 clips from latents_r31-31_t0.7_g8_s1.pt" in text.split("[dit7]")[0]
     aligned = torch.load(tmp_path / "work" / "latents_r31-31_t0.7_g8_s1.pt", weights_only=True)

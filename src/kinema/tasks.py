@@ -1,6 +1,9 @@
-"""Task conditioning: image preprocessing and the tensors a task adds to the shared loop.
+"""Tasks: the geometry of a generation (`TaskPlan`, `plan_task`) and what a task adds to the
+shared denoising loop (`Conditioning`, `condition`).
 
-Everything here is cheap and deterministic (no model calls):
+- `plan_task` fixes the latent shape, token count, preprocessed image and per-token timestep
+  mask from the size or the image; `first_frame_plan` makes the two passes of image-first
+  text-to-video; `condition` runs the VAE encoder on the image (the only model call here).
 
 - TI2V-5B image path (spec §6.4): `best_output_size` picks an output size near a target area
   with the image's aspect ratio, `ti2v_image_tensor` resizes (PIL LANCZOS) and centre-crops.
@@ -16,13 +19,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Union
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import ModelSpec
 from .errors import InputError
 
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray]  # noqa: F821
@@ -181,8 +186,121 @@ def latent_frames(frames: int, temporal_stride: int) -> int:
     return (frames - 1) // temporal_stride + 1
 
 
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """The geometry of one generation, fixed before any model runs.
+
+    image_mode: None (text-to-video), "concat" (A14B image model: mask + image latent as extra
+    DiT channels) or "first_frame" (TI2V: the image latent is latent frame 0).
+    """
+
+    size: tuple[int, int]  # output (width, height)
+    frames: int
+    latent_shape: tuple[int, int, int, int]  # (C, T_lat, h, w)
+    seq_len: int
+    image_mode: Optional[str] = None
+    image: Optional[Tensor] = None  # concat: [3, h, w]; first_frame: [3, 1, h, w]; in [-1, 1]
+    token_mask: Optional[Tensor] = None  # [tokens] per-token multiplier of t (TI2V), else None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a task adds to the shared loop: a plan plus the image-derived latents."""
+
+    plan: TaskPlan
+    y: Optional[Tensor] = None  # [C_y, T_lat, h, w], concatenated after the latent on channels
+    first_frame: Optional[Tensor] = None  # [C, 1, h, w]: latent frame 0, reset after every step
+
+
+def plan_task(spec: ModelSpec, size: tuple[int, int], frames: int, image: Any = None,
+              max_area: int | None = None) -> TaskPlan:
+    """Geometry for text-to-video at `size`, or image-to-video with the output size derived from
+    the image within `max_area` pixels (default width·height of `size`)."""
+    dit, vae = spec.dit, spec.vae
+    stride, tstride = vae.spatial_stride, vae.temporal_stride
+    pt, ph, pw = dit.patch_size
+    t_lat = latent_frames(frames, tstride)
+    area = int(max_area) if max_area is not None else size[0] * size[1]
+    image_mode = None
+    img_tensor = None
+    if image is None:
+        if dit.model_type == "i2v":
+            raise ValueError(f"{spec.name} is an image-to-video model: plan_task needs an image")
+        width, height = size
+    elif dit.model_type == "ti2v":
+        image_mode = "first_frame"
+        width, height = best_output_size(image.width, image.height, stride * pw, stride * ph, area)
+        img_tensor = ti2v_image_tensor(image, (width, height))
+    elif dit.model_type == "i2v":
+        image_mode = "concat"
+        lat_w, lat_h = i2v_latent_size(image.width, image.height, area, stride, ph)
+        width, height = lat_w * stride, lat_h * stride
+        img_tensor = i2v_image_tensor(image, (width, height))
+    else:
+        raise ValueError(f"{spec.name} is text-to-video only: plan_task got an image")
+    h, w = height // stride, width // stride
+    token_mask = None
+    if dit.model_type == "ti2v":
+        # TI2V always passes per-token timesteps; frame-0 tokens get 0 when the image is known.
+        token_mask = token_timestep_mask(t_lat, h, w, dit.patch_size, image_mode == "first_frame")
+    seq_len = math.ceil((t_lat // pt) * (h // ph) * (w // pw))
+    return TaskPlan(size=(width, height), frames=frames, latent_shape=(vae.z_dim, t_lat, h, w),
+                    seq_len=seq_len, image_mode=image_mode, image=img_tensor, token_mask=token_mask)
+
+
+def condition(plan: TaskPlan, spec: ModelSpec, vae: Any, device: torch.device) -> Conditioning:
+    """Run the VAE encoder on the plan's image (if any) and build the task's conditioning."""
+    if plan.image_mode is None:
+        return Conditioning(plan)
+    if plan.image_mode == "first_frame":
+        z = vae.encode(plan.image[None].to(device))[0]  # [C, 1, h, w] normalized
+        return Conditioning(plan, first_frame=z.float())
+    # concat (A14B image model): the image then frames-1 zero frames through the VAE, and a
+    # mask that is 1 on latent frame 0; channel order [latent, mask, image latent].
+    video = i2v_conditioning_video(plan.image, plan.frames)
+    y_lat = vae.encode(video[None].to(device))[0].float()  # [z, T_lat, h, w]
+    mask_ch = spec.dit.in_dim - spec.dit.out_dim - y_lat.shape[0]
+    if mask_ch < 1:
+        raise ValueError(
+            f"model in_dim {spec.dit.in_dim} leaves no room for the image mask "
+            f"(latent {spec.dit.out_dim} + image latent {y_lat.shape[0]} channels)"
+        )
+    _, t_lat, h, w = plan.latent_shape
+    mask = i2v_frame_mask(mask_ch, t_lat, h, w).to(y_lat.device)
+    return Conditioning(plan, y=torch.cat([mask, y_lat], dim=0))
+
+
+def first_frame_plan(spec: ModelSpec, plan: TaskPlan, frames: Optional[int]) -> TaskPlan:
+    """The text-to-video `plan` of a TI2V model as the image-first passes: `frames=1` gives the
+    text-to-image pass (one latent frame), `None` the image-to-video pass over the whole plan
+    with latent frame 0 known (its tokens get timestep 0)."""
+    c, t_lat, h, w = plan.latent_shape
+    pt, ph, pw = spec.dit.patch_size
+    if frames == 1:
+        t_lat = 1
+    mask = token_timestep_mask(t_lat, h, w, spec.dit.patch_size, frames is None)
+    return replace(plan, frames=frames or plan.frames, latent_shape=(c, t_lat, h, w),
+                   seq_len=(t_lat // pt) * (h // ph) * (w // pw), image_mode="first_frame" if frames is None else None,
+                   token_mask=mask)
+
+
+def encode_keyframe(vae: Any, frame: np.ndarray, size: tuple[int, int], device: torch.device | str) -> Tensor:
+    """A uint8 frame [kH, kW, 3] shrunk to size = (W, H) by area averaging (each output pixel is
+    the mean of its k x k block, as if drawn at size) and encoded: latent [C, 1, h, w]."""
+    from PIL import Image
+
+    small = Image.fromarray(frame).resize(size, Image.BOX)
+    x = ti2v_image_tensor(small, size)  # already at size: only the official [-1, 1] scaling
+    return vae.encode(x[None].to(device))[0].float()
+
+
+
 __all__ = [
-    "best_output_size", "i2v_conditioning_video", "i2v_frame_mask", "i2v_image_tensor",
+    "Conditioning", "TaskPlan", "best_output_size", "condition", "encode_keyframe", "first_frame_plan",
+    "plan_task", "i2v_conditioning_video", "i2v_frame_mask", "i2v_image_tensor",
     "i2v_latent_size", "latent_frames", "load_image", "ti2v_image_tensor", "token_timestep_mask",
     "token_timesteps",
 ]
