@@ -56,11 +56,10 @@ class Settings:
         return getattr(object.__getattribute__(self, "request"), name)
 
     def sidecar(self) -> dict[str, Any]:
-        """The sidecar's `settings` block: every sampling and runtime field, as JSON values."""
+        """The sidecar's `settings` block: every field, as JSON values (`Video.save` sets the
+        output group to how the file was really written)."""
         out = {}
         for name, opt in Request.options():
-            if opt.group == "output":
-                continue
             value = getattr(self.request, name)
             if name == "image":
                 value = None if self.image_info is None else self.image_info.get("path", "<in-memory image>")

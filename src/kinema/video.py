@@ -67,7 +67,11 @@ class Video:
             include_prompt=include_prompt,
             video_id=self.content_id(),
         )
+        # the output options as this file was really written (Request's "output" group)
+        written = {"output": str(path), "watermark": watermark, "sign": sign, "include_prompt": include_prompt}
         sidecar = {**meta, "file": path.name, "provenance": facts}
+        if "settings" in meta:
+            sidecar["settings"] = {**meta["settings"], **written}
         try:
             _write_json_atomic(sidecar_path(path), sidecar)
         except BaseException:

@@ -1,0 +1,247 @@
+"""The `Request` is the one source of the generation options: every field is a `kinema generate`
+flag, an entry of the sidecar's settings block and (sampling fields) part of a reproduce
+command that gives the same frames; aliases and unknown keywords; and the usage defects of
+issue 25 (typer's usage errors, file modes, output suffix, empty prompt, far sizes, temp files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kinema
+from kinema.cli import main
+from kinema.config import PRESETS
+from kinema.errors import InputError
+from kinema.request import Request
+from kinema.validate import SizeWarning, resolve
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from kinema.testing.fixtures import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "ti2v", kind="ti2v", layout="official")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """The exact frames handed to the MP4 writer, in order."""
+    import kinema.provenance as prov
+
+    frames: list[np.ndarray] = []
+    real = prov.finalize_video
+    monkeypatch.setattr(prov, "finalize_video", lambda f, *a, **kw: frames.append(f.copy()) or real(f, *a, **kw))
+    return frames
+
+
+# ------------------------------------------------------------------------------ one source
+
+
+def test_every_field_is_a_generate_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")
+    code, out, _ = cli(capsys, "generate", "--help")
+    assert code == 0
+    for name, opt in Request.options():
+        if opt.argument:
+            assert name.upper() in out
+            continue
+        flag = opt.flag or "--" + name.replace("_", "-")
+        assert flag in out, name
+        if opt.short:
+            assert opt.short in out
+        if opt.off:
+            assert opt.off in out
+        assert opt.help.split()[0] in out
+
+
+# Every sampling field set to a value that is not the tiny model's default, over two runs (an
+# image cannot go with image-first text-to-video). A new sampling field must be added here.
+ROUND_TRIPS = {
+    "text": dict(prompt="a fox", negative_prompt="blurry", size="96x64", frames="5", steps="2",
+                 guidance="3.5", shift="4", sampler="dpm++", seed="3", image_first=True, image_first_scale="2"),
+    "image": dict(prompt="it moves", image="{image}", max_area="4096", frames="5", steps="2", sampler="euler",
+                  seed="4"),
+}
+
+
+def _args(values: dict, image: Path) -> list[str]:
+    args = [values["prompt"]]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "prompt":
+            continue
+        args += [flag] if value is True else [flag, str(value).format(image=image)]
+    return args
+
+
+def test_round_trips_cover_every_sampling_field():
+    covered = set().union(*ROUND_TRIPS.values())
+    assert covered == {n for n, _ in Request.options("sampling")}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_sidecar_command_gives_the_same_frames(capsys, model, image, tmp_path, written, case):
+    first = tmp_path / "first.mp4"
+    code, _, err = cli(capsys, "generate", *_args(ROUND_TRIPS[case], image), "--model", str(model),
+                       "-o", str(first), "--no-sign")
+    assert code == 0, err
+    side = json.loads(first.with_suffix(".json").read_text())
+    assert set(side["settings"]) == {f.name for f in fields(Request)}  # every field, resolved
+    assert side["settings"]["output"] == str(first) and side["settings"]["sign"] is False
+    assert side["settings"]["device"] == "cpu" and side["settings"]["dtype"] == "float32"
+    args = shlex.split(side["command"])
+    for name in ROUND_TRIPS[case]:
+        if name != "prompt":
+            assert "--" + name.replace("_", "-") in args, name
+    assert "--device" not in args and "--output" not in args  # runtime / output: not in the command
+    code, _, err = cli(capsys, "generate", *args[2:], "-o", str(tmp_path / "again.mp4"), "--no-sign")
+    assert code == 0, err
+    assert len(written) == 2 and np.array_equal(written[0], written[1])
+    again = json.loads((tmp_path / "again.json").read_text())["settings"]
+    assert {k: v for k, v in again.items() if k != "output"} == {k: v for k, v in side["settings"].items()
+                                                                  if k != "output"}
+
+
+def test_request_types_give_a_json_schema():
+    pydantic = pytest.importorskip("pydantic")
+    schema = pydantic.TypeAdapter(Request).json_schema()
+    assert set(schema["properties"]) == {f.name for f in fields(Request)}
+
+
+# ------------------------------------------------------------------------------ Python keywords
+
+
+def test_aliases_resolve_like_kinema_names():
+    moe = PRESETS["t2v-A14B"]
+    own = resolve(moe, Request(prompt="a cat", size=(832, 480), frames=17, steps=7, guidance=(2.0, 3.5),
+                               shift=8.0, seed=1))
+    alias = resolve(moe, Request.from_options("a cat", width=832, height=480, num_frames=17,
+                                              num_inference_steps=7, guidance_scale=3.5, guidance_scale_2=2.0,
+                                              flow_shift=8.0, seed=1))
+    assert alias.request == own.request
+    assert alias.guidance == (2.0, 3.5)  # guidance_scale is the high-noise expert's: kinema's (low, high)
+    one = Request.from_options("a cat", guidance_scale=4.0)
+    assert one.guidance == 4.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(stepz=3), "unknown option stepz=; did you mean steps=\\?"),
+    (dict(sample_steps=3), "unknown option sample_steps="),
+    (dict(height=480), "height= and width= go together"),
+    (dict(frames=5, num_frames=5), "frames= or num_frames="),
+    (dict(guidance_scale_2=3.0), "needs guidance_scale="),
+])
+def test_bad_keywords_name_the_argument(kw, match):
+    with pytest.raises(InputError, match=match) as err:
+        Request.from_options("a cat", **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_prepare_reads_headers_and_rejects_unknown_options(model, monkeypatch):
+    import kinema.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("prepare loaded weights"))
+    s = kinema.prepare(model, "a fox", num_inference_steps=3, seed=2)
+    assert (s.steps, s.seed, s.spec.dit.model_type) == (3, 2, "ti2v")
+    with pytest.raises(InputError, match="stepz="):
+        kinema.prepare(model, "a fox", stepz=3)
+
+
+# ------------------------------------------------------------------------------ defects (issue 25)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["generate", "x", "--frames", "abc"], "--frames"),
+    (["generate", "x", "--sample_steps", "10"], "No such option: --sample_steps"),
+    (["generate"], "Missing argument"),
+    (["genrate", "x"], "No such command"),
+])
+def test_usage_errors_are_one_line_and_exit_2(capsys, args, match):
+    code, out, err = cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert "Traceback" not in out + err
+
+
+def test_files_follow_the_umask(capsys, model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "clip.mp4"
+        code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--frames", "1", "--steps", "1",
+                           "--seed", "1", "-o", str(out))
+        assert code == 0, err
+        mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+        assert mode(out) == mode(out.with_suffix(".json")) == 0o644
+        code, _, err = cli(capsys, "mark", str(out), "-o", str(out), "--no-sign")
+        assert code == 0, err
+        assert mode(out) == 0o644
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.mp4"]  # no temporary files
+
+
+@pytest.mark.parametrize("prompt, extra, match", [
+    ("", [], "the prompt is empty"),
+    ("  \t ", [], "the prompt is empty"),
+    ("a fox", ["-o", "{tmp}/clip.gif"], "must be an .mp4 file"),
+])
+def test_refused_before_loading(capsys, model, tmp_path, monkeypatch, prompt, extra, match):
+    import kinema.pipeline as pl
+
+    monkeypatch.setattr(pl, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    monkeypatch.chdir(tmp_path)
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    code, _, err = cli(capsys, "generate", prompt, "--model", str(model), *extra)
+    assert code == 2 and err.strip().count("\n") == 0 and match in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_temp_file_is_created_before_sampling(capsys, model, tmp_path, monkeypatch):
+    """A folder that passes the write check but where no file can be created (as /sys for
+    root) fails before the model is loaded, with one line."""
+    import kinema.pipeline as pl
+    import kinema.video as video
+
+    monkeypatch.setattr(pl, "load", lambda *a, **k: pytest.fail("loaded the model for an unwritable output"))
+    monkeypatch.setattr(video, "part_path", lambda path, tag: tmp_path / "no-such-dir" / "x.part")
+    code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "-o", str(tmp_path / "x.mp4"))
+    assert code == 2 and err.strip().count("\n") == 0 and "cannot write" in err, err
+
+
+def test_far_size_warns_but_runs(capsys, model, tmp_path):
+    with pytest.warns(SizeWarning, match="64x64"):
+        resolve(kinema.pipeline.prepare(model, "a fox").spec, Request(prompt="a fox", size=(320, 320)))
+    code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--size", "320x320", "--frames", "1",
+                       "--steps", "1", "--no-sign", "--no-watermark", "-o", str(tmp_path / "big.mp4"))
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "64x64" in warned[0]
+    code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--size", "96x64", "--frames", "1",
+                       "--steps", "1", "--no-sign", "--no-watermark", "-o", str(tmp_path / "ok.mp4"))
+    assert code == 0 and "warning" not in err
