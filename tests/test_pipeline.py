@@ -505,4 +505,4 @@ def test_bf16_weights_track_fp32(ti2v_pipe):
     kw = dict(frames=5, steps=3, size=(64, 64), seed=4)
     a = ti2v_pipe.generate("a red fox", **kw).frames.astype(np.int16)
     b = p16.generate("a red fox", **kw)
-    assert np.abs(a - b.frames).mean() < 3 and b.metadata["dtype"] == "bfloat16"
+    assert np.abs(a - b.frames).mean() < 3 and b.metadata["settings"]["dtype"] == "bfloat16"

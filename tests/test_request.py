@@ -245,3 +245,17 @@ def test_far_size_warns_but_runs(capsys, model, tmp_path):
     code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--size", "96x64", "--frames", "1",
                        "--steps", "1", "--no-sign", "--no-watermark", "-o", str(tmp_path / "ok.mp4"))
     assert code == 0 and "warning" not in err
+
+
+def test_runtime_options_belong_to_the_loaded_pipeline(model, tmp_path):
+    pipe = kinema.load(model, device="cpu")
+    s = kinema.prepare(model, "a fox", frames=1, steps=1, seed=0)
+    assert s.device is None and s.dtype is None  # unset: the pipeline's
+    video = pipe.run(s)
+    assert (video.metadata["settings"]["device"], video.metadata["settings"]["dtype"]) == ("cpu", "float32")
+    with pytest.raises(InputError, match="loaded with dtype='float32'"):
+        pipe.run(kinema.prepare(model, "a fox", frames=1, steps=1, dtype="bf16"))
+    out = tmp_path / "fox.mp4"
+    pipe.generate("a fox", frames=1, steps=1, seed=0, output=str(out), sign=False)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["provenance"]["c2pa"] is None and side["settings"]["sign"] is False

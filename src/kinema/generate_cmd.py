@@ -145,7 +145,9 @@ def run_generate(request: Request, model: Optional[Path] = None, progress: bool 
         settings.prompt, settings.seed))
 
     try:
-        print(f"loading {path} on {settings.device} ...", file=sys.stderr, flush=True)
+        from .placement import resolve_device
+
+        print(f"loading {path} on {resolve_device(settings.device)} ...", file=sys.stderr, flush=True)
         pipe = load(path, **request.given("runtime"))
         if pipe.spec != settings.spec:  # the folder changed since it was inspected
             settings = pipe.settings(**{**request.given(), "seed": settings.seed})

@@ -243,7 +243,8 @@ class Pipeline:
     into the next (each call builds its own generator, schedule, solver state and conditioning).
 
     `runtime` holds the values of the "runtime" `Request` fields this pipeline was loaded with;
-    `run` refuses settings that ask for other ones (load the model again for those).
+    `run` refuses settings that ask for other ones (load the model again for those); settings
+    that leave them unset run with the pipeline's.
     """
 
     def __init__(self, spec: ModelSpec, *, transformer: torch.nn.Module,
@@ -272,10 +273,8 @@ class Pipeline:
 
     def settings(self, prompt: str | None = None, image: Any = None, **options: Any) -> Settings:
         """Validate a request for this model (see `kinema.request.Request` for the options and
-        their aliases); unset runtime options take this pipeline's values."""
-        request = Request.from_options(prompt, image, **options)
-        unset = {k: v for k, v in self.runtime.items() if getattr(request, k) is None}
-        return resolve(self.spec, request.with_(**unset))
+        their aliases)."""
+        return resolve(self.spec, Request.from_options(prompt, image, **options))
 
     def generate(self, prompt: str | None = None, image: Any = None, *, callback: StepCallback | None = None,
                  **options: Any) -> Video:
@@ -305,7 +304,7 @@ class Pipeline:
         if s.spec != self.spec:
             raise InputError(f"these settings were made for {s.spec.name}, not for {self.spec.name}")
         for name, value in self.runtime.items():
-            if getattr(s.request, name) != value:
+            if getattr(s.request, name) not in (None, value):
                 raise InputError(f"this pipeline was loaded with {name}={value!r}, the settings ask for "
                                  f"{getattr(s.request, name)!r}: kinema.load the model with {name}= for that")
 
@@ -358,7 +357,7 @@ class Pipeline:
                 hooks.on_final_latent(latent)
             with resident(self.vae, self.device, self.offload):
                 frames = decode_frames(self.vae, latent, self.device, hooks.on_decoded_chunk)
-        meta = sidecar_metadata(s, source=self.source, layout=self.layout, device=self.device, dtype=self.dtype,
+        meta = sidecar_metadata(s, source=self.source, layout=self.layout, runtime=self.runtime,
                                 seconds=time.perf_counter() - start)
         return Video(frames=frames, fps=s.fps, metadata=meta)
 

@@ -38,7 +38,9 @@ SIZE_WARN_FACTOR = 4.0
 class Settings:
     """A validated request (`request`, every field resolved) and what follows from it.
 
-    Request fields read through: `settings.steps` is `settings.request.steps`.
+    Request fields read through: `settings.steps` is `settings.request.steps`. Runtime fields
+    stay None when not given: the pipeline that runs the settings decides (and the sidecar
+    records what it used).
     """
 
     request: Request  # every field filled in and normalised (see `resolve`)
@@ -241,8 +243,9 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     if not 1 <= scale <= 8:
         raise InputError(f"image_first_scale= must be 1 to 8, got {scale}")
 
+    # runtime options: checked here, but left None when not given (= what the pipeline has)
     device = resolve_device(r.device)
-    dtype = resolve_dtype(r.dtype, device)
+    dtype = None if r.dtype is None else str(resolve_dtype(r.dtype, device)).replace("torch.", "")
 
     output = None
     if r.output is not None:
@@ -253,7 +256,7 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
         r, prompt=prompt, negative_prompt=negative_prompt, size=(width, height), max_area=max_area,
         frames=frames, steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
         image_first=image_first, image_first_scale=scale,
-        device=str(device), dtype=str(dtype).replace("torch.", ""),
+        device=None if r.device is None else str(device), dtype=dtype,
         output=output, watermark=True if r.watermark is None else _bool("watermark", r.watermark),
         sign=True if r.sign is None else _bool("sign", r.sign),
         include_prompt=False if r.include_prompt is None else _bool("include_prompt", r.include_prompt),

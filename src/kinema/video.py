@@ -1,7 +1,7 @@
 """The result of a generation: `Video` (uint8 frames, fps, sidecar metadata) and its writing.
 
 `Video.save` writes the MP4 (watermarked and signed, through `kinema.provenance`) and next to it
-the JSON sidecar: the facts of the run (model, task, output size, noise, device, time), the
+the JSON sidecar: the facts of the run (model, task, output size, noise, time), the
 resolved request (`settings`, one entry per `Request` field) and the `command` that makes the
 same frames again. Files are written under a temporary name and renamed, and follow the umask.
 """
@@ -126,10 +126,11 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
         raise
 
 
-def sidecar_metadata(settings: Any, *, source: Optional[str], layout: Optional[str], device: Any, dtype: Any,
+def sidecar_metadata(settings: Any, *, source: Optional[str], layout: Optional[str], runtime: dict[str, Any],
                      seconds: float) -> dict[str, Any]:
     """The sidecar of a video made from `settings` (a `kinema.validate.Settings`) by a model
-    loaded from `source`: the facts of the run, the resolved request and the reproduce command."""
+    loaded from `source` with the `runtime` options (`Pipeline.runtime`): the facts of the
+    run, the resolved request and the reproduce command."""
     from . import __version__
     from .sampling import STOCHASTIC_SAMPLERS
 
@@ -151,10 +152,8 @@ def sidecar_metadata(settings: Any, *, source: Optional[str], layout: Optional[s
         "noise": "torch.randn float32, torch.Generator('cpu').manual_seed(seed)",
         "step_noise": ("torch.randn float32 per step, kinema.pipeline.step_noise_generator(seed, latent shape)"
                        if settings.sampler in STOCHASTIC_SAMPLERS else None),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
         "seconds": round(seconds, 3),
-        "settings": settings.sidecar(),
+        "settings": {**settings.sidecar(), **runtime},
         "command": settings.command(source),
     }
 
