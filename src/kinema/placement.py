@@ -29,14 +29,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise InputError(f"unknown device= {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but CUDA is not available")
+            raise InputError(f"device= {device!r} asked for, but CUDA is not available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise InputError(f"device= {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
     elif dev.type != "cpu":
-        raise InputError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+        raise InputError(f"unsupported device= {device!r}; use cpu, cuda or cuda:N")
     return dev
 
 
@@ -46,12 +46,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise InputError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
+            raise InputError(f"unsupported dtype= {dtype}; use fp32, bf16 or fp16")
         return dtype
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+        raise InputError(f"unknown dtype= {dtype!r}; use fp32, bf16 or fp16") from None
 
 
 class Experts:
