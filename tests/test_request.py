@@ -259,3 +259,13 @@ def test_runtime_options_belong_to_the_loaded_pipeline(model, tmp_path):
     pipe.generate("a fox", frames=1, steps=1, seed=0, output=str(out), sign=False)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["provenance"]["c2pa"] is None and side["settings"]["sign"] is False
+
+
+def test_library_names_arguments_the_cli_names_flags(capsys, model, tmp_path):
+    with pytest.raises(InputError, match="frames= must be 4n\\+1"):
+        kinema.prepare(model, "a fox", frames=6)
+    with pytest.raises(InputError, match="device="):
+        kinema.prepare(model, "a fox", device="tpu")
+    code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--frames", "6",
+                       "-o", str(tmp_path / "x.mp4"))
+    assert code == 2 and "--frames must be 4n+1" in err and "frames=" not in err

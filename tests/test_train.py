@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kinema.config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
-from kinema.evaluate import analyse_video
+from kinema.train.evaluate import analyse_video
 from kinema.models.dit import WanModel
 from kinema.models.vae import WanVAE
 from kinema.train.data import (
@@ -422,7 +422,8 @@ def test_adapt_loss_uses_the_regenerated_latents_at_their_share():
 
 def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     from kinema.pipeline import load
-    from kinema.train.recipe import run_recipe, tiny_recipe
+    from kinema.train.recipe import tiny_recipe
+    from kinema.train.run import run_recipe
 
     out = run_recipe(tmp_path / "work", tiny_recipe(), progress=False, threads=None)
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "Wan2.2_VAE.pth",
@@ -518,10 +519,11 @@ def _bf16_flags(value) -> list[bool]:
 def test_precision_turns_bf16_cycles_off_where_the_cpu_would_emulate_them(monkeypatch):
     from dataclasses import asdict
 
-    import kinema.train.recipe as rc
+    import kinema.train.recipe as recipes
+    import kinema.train.run as rc
     from kinema.errors import InputError
 
-    recipe = rc.Recipe()
+    recipe = recipes.Recipe()
     flags = _bf16_flags(asdict(recipe))
     assert any(flags) and not all(flags)  # the shipped recipe mixes float32 and bf16 cycles
     fp32 = rc.with_precision(recipe, "fp32")

@@ -67,9 +67,10 @@ def train(
     precision: str = typer.Option("auto", "--precision", help="auto, bf16 or fp32: autocast of the recipe's bf16 cycles (auto: bf16 only on CPUs with AVX512-BF16 or AMX)."),
 ) -> None:
     """Train the built-in small model from nothing (procedural data) and export it."""
-    from .train.recipe import STEPS, Recipe, run_recipe, tiny_recipe
+    from .train.recipe import Recipe, tiny_recipe
+    from .train.run import STEPS, run_recipe
 
-    chosen = tuple(s.strip() for s in steps.split(",")) if steps else STEPS
+    chosen = tuple(s.strip() for s in steps.split(",")) if steps else tuple(STEPS)
     run_recipe(work, tiny_recipe() if tiny else Recipe(), chosen, out=out, threads=threads,
                precision=precision)
 
@@ -86,7 +87,7 @@ def evaluate(
     cli_runs: int = typer.Option(3, "--cli-runs", help="Timed `kinema generate` processes (0: none)."),
 ) -> None:
     """Score colour/shape/direction accuracy on the held-out prompts of the built-in model."""
-    from .evaluate import run_eval
+    from .train.evaluate import run_eval
 
     run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps, guidance=guidance, i2v=i2v,
              cli_runs=cli_runs)
