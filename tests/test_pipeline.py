@@ -397,7 +397,7 @@ def test_image_first_is_text_to_image_then_image_to_video(ti2v_pipe):
     kw = dict(steps=2, size=(64, 64), seed=3)
     seen = []
     two = ti2v_pipe.generate("a red fox", frames=9, image_first=True, callback=seen.append, **kw)
-    assert [s.step for s in seen] == [1, 2, 1, 2]  # two passes of the same loop
+    assert [(s.step, s.pass_index) for s in seen] == [(1, 1), (2, 1), (3, 2), (4, 2)]  # two passes of the same loop
     assert two.metadata["task"] == "text-to-video (image first)"
     assert "--image-first" in two.metadata["command"]  # not the tiny model's default
     # pass 1 is exactly the one-frame video of this seed (the causal VAE decodes frame 0 alone)

@@ -179,7 +179,7 @@ def test_prepare_reads_headers_and_rejects_unknown_options(model, monkeypatch):
 @pytest.mark.parametrize("args, match", [
     (["generate", "x", "--frames", "abc"], "--frames"),
     (["generate", "x", "--sample_steps", "10"], "No such option: --sample_steps"),
-    (["generate"], "Missing argument"),
+    (["generate"], "give a PROMPT or --prompts-file"),
     (["genrate", "x"], "No such command"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, args, match):
@@ -269,3 +269,76 @@ def test_library_names_arguments_the_cli_names_flags(capsys, model, tmp_path):
     code, _, err = cli(capsys, "generate", "a fox", "--model", str(model), "--frames", "6",
                        "-o", str(tmp_path / "x.mp4"))
     assert code == 2 and "--frames must be 4n+1" in err and "frames=" not in err
+
+
+# ------------------------------------------------------------------------------ diffusers-style API
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return kinema.load(model, device="cpu")
+
+
+def test_diffusers_keywords_give_the_same_frames(pipe):
+    import torch
+
+    own = pipe.generate("a fox", size=(96, 64), frames=5, steps=2, guidance=3.0, shift=4.0, seed=3)
+    theirs = pipe.generate("a fox", height=64, width=96, num_frames=5, num_inference_steps=2, guidance_scale=3.0,
+                           flow_shift=4.0, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(own.frames, theirs.frames) and theirs.metadata["settings"]["seed"] == 3
+
+
+def test_batches_of_prompts_and_videos(pipe, tmp_path):
+    kw = dict(frames=1, steps=1, size=(64, 64))
+    videos = pipe.generate(["a fox", "a cat"], num_videos_per_prompt=2, seed=5, **kw)
+    assert [(v.metadata["settings"]["prompt"], v.metadata["settings"]["seed"]) for v in videos] == [
+        ("a fox", 5), ("a fox", 6), ("a cat", 5), ("a cat", 6)]
+    assert np.array_equal(videos[1].frames, pipe.generate("a fox", seed=6, **kw).frames)
+    assert not np.array_equal(videos[0].frames, videos[1].frames)
+    one = pipe.generate(["a fox"], seed=5, **kw)
+    assert isinstance(one, list) and np.array_equal(one[0].frames, videos[0].frames)
+    pipe.generate("a fox", num_videos_per_prompt=2, seed=1, output=str(tmp_path / "fox.mp4"), sign=False, **kw)
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["fox_1.mp4", "fox_2.mp4"]
+    with pytest.raises(InputError, match="seed= or generator="):
+        pipe.generate("a fox", seed=1, generator=object(), **kw)
+
+
+def test_output_type_latent(pipe):
+    latent = pipe.generate("a fox", frames=5, steps=2, size=(64, 64), seed=2, output_type="latent")
+    s = pipe.settings("a fox", frames=5, steps=2, size=(64, 64), seed=2)
+    assert tuple(latent.shape) == s.plan.latent_shape
+    final: list = []
+    pipe.run(s, hooks=kinema.pipeline.Hooks(on_final_latent=final.append))
+    assert torch_equal(latent, final[0])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_callback_reports_the_pass_and_the_true_total(pipe):
+    seen: list = []
+    pipe.generate("a fox", frames=9, steps=2, size=(64, 64), seed=3, image_first=True, callback=seen.append)
+    assert [(i.step, i.total, i.pass_index, i.passes) for i in seen] == [
+        (1, 4, 1, 2), (2, 4, 1, 2), (3, 4, 2, 2), (4, 4, 2, 2)]
+
+
+def test_prompts_file_loads_the_model_once(capsys, model, tmp_path, monkeypatch, written):
+    import kinema.pipeline as pl
+
+    loads: list = []
+    real = pl.load
+    monkeypatch.setattr(pl, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n  a blue cat  \n", encoding="utf-8")
+    code, out, err = cli(capsys, "generate", "--prompts-file", str(prompts), "--model", str(model), "--frames", "1",
+                         "--steps", "1", "--seed", "2", "-o", str(tmp_path / "clip.mp4"), "--no-sign")
+    assert code == 0, err
+    assert len(loads) == 1 and len(written) == 2
+    sides = [json.loads((tmp_path / f"clip_{k}.json").read_text())["settings"] for k in (1, 2)]
+    assert [(s["prompt"], s["seed"]) for s in sides] == [("a red fox", 2), ("a blue cat", 2)]
+    assert out.count("saved ") == 2
+    code, _, err = cli(capsys, "generate", "x", "--prompts-file", str(prompts), "--model", str(model))
+    assert code == 2 and "not both" in err

@@ -36,6 +36,9 @@ def generate(
     request: "Request",
     model: Optional[Path] = typer.Option(
         None, "--model", help="Model folder, official or diffusers layout (default: the built-in model)."),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts-file", help="Instead of PROMPT: one prompt a line, one video each (the model loads "
+        "once; with -o OUT.mp4 they are OUT_1.mp4, OUT_2.mp4, ...)."),
 ) -> None:
     """Generate a video from a prompt (and optionally a first-frame image).
 
@@ -43,7 +46,7 @@ def generate(
     """
     from .generate_cmd import run_generate
 
-    run_generate(request, model=model)
+    run_generate(request, model=model, prompts_file=prompts_file)
 
 
 def _register_generate() -> None:

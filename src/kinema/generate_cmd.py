@@ -55,7 +55,7 @@ def request_parameters() -> list[inspect.Parameter]:
     for name, opt in Request.options():
         kind = _cli_type(name, hints[name], opt.cli_type)
         if opt.argument:
-            default = typer.Argument(..., help=opt.help, show_default=False, metavar=name.upper())
+            default = typer.Argument(None, help=opt.help, show_default=False, metavar=name.upper())
         else:
             flag = flag_of(name)
             decls = [f"{flag}/{opt.off or '--no-' + flag[2:]}"] if kind is bool else [flag]
@@ -64,7 +64,7 @@ def request_parameters() -> list[inspect.Parameter]:
             default = typer.Option(None, *decls, help=opt.help, show_default=False,
                                    rich_help_panel={"sampling": None, "runtime": "Runtime",
                                                     "output": "Output"}[opt.group])
-        annotation = kind if opt.argument else Optional[kind]
+        annotation = Optional[kind]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
     return params
@@ -133,43 +133,73 @@ def _prepare(path: Path, request: Request) -> Any:
     return settings
 
 
-def run_generate(request: Request, model: Optional[Path] = None, progress: bool = True) -> Path:
-    """Generate one video from a CLI request; returns the written path."""
+def _read_prompts(path: Path) -> list[str]:
+    """The prompts of a --prompts-file: one a line; blank lines are skipped."""
+    from .errors import InputError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read --prompts-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts-file {path} holds no prompt")
+    return prompts
+
+
+def run_generate(request: Request, model: Optional[Path] = None, prompts_file: Optional[Path] = None,
+                 progress: bool = True) -> list[Path]:
+    """Generate the video of a CLI request, or one per line of `prompts_file` (the model loaded
+    once, every request checked before it loads); returns the written paths."""
+    from .errors import InputError
     from .pipeline import load, model_path
+    from .placement import resolve_device
     from .video import check_output_path
 
     start = time.perf_counter()
+    if (request.prompt is None) == (prompts_file is None):
+        raise InputError("give a PROMPT or --prompts-file FILE" if prompts_file is None
+                         else "give a PROMPT or --prompts-file FILE, not both")
     path = model_path(model)
-    settings = _prepare(path, request)
-    out = Path(settings.output) if settings.output else check_output_path(default_output_name(
-        settings.prompt, settings.seed))
+    options = {k: v for k, v in request.given().items() if k != "prompt"}
+    if prompts_file is not None:
+        requests = Request.batch(_read_prompts(prompts_file), **options)
+    else:
+        requests = [request]
+    jobs = []
+    for r in requests:
+        settings = _prepare(path, r)
+        out = Path(settings.output) if settings.output else check_output_path(default_output_name(
+            settings.prompt, settings.seed))
+        jobs.append((r, settings, out))
 
+    written = []
     try:
-        from .placement import resolve_device
-
-        print(f"loading {path} on {resolve_device(settings.device)} ...", file=sys.stderr, flush=True)
+        print(f"loading {path} on {resolve_device(request.device)} ...", file=sys.stderr, flush=True)
         pipe = load(path, **request.given("runtime"))
-        if pipe.spec != settings.spec:  # the folder changed since it was inspected
-            settings = pipe.settings(**{**request.given(), "seed": settings.seed})
-        w, h = settings.plan.size
-        passes = 2 if settings.image_first else 1
-        print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
-              f"({settings.sampler}), seed {settings.seed}"
-              + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
-        bar = _Progress(passes * settings.steps, enabled=progress)
-        try:
-            video = pipe.run(settings, callback=bar)
-        finally:
-            bar.close()
-        video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt)
+        for r, settings, out in jobs:
+            if pipe.spec != settings.spec:  # the folder changed since it was inspected
+                settings = pipe.settings(**{**r.given(), "seed": settings.seed})
+            w, h = settings.plan.size
+            passes = 2 if settings.image_first else 1
+            print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
+                  f"({settings.sampler}), seed {settings.seed}"
+                  + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
+            bar = _Progress(passes * settings.steps, enabled=progress)
+            try:
+                video = pipe.run(settings, callback=bar)
+            finally:
+                bar.close()
+            video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt)
+            w, h = video.size
+            print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+            written.append(out)
     except KeyboardInterrupt:
         import typer
 
         raise typer.Abort() from None  # "aborted", exit 130, no traceback; no partial file stays
-    seconds = time.perf_counter() - start
-    w, h = video.size
-    print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in {seconds:.1f} s")
-    return out
+    return written
 
 
 __all__ = ["default_output_name", "flag_of", "request_parameters", "run_generate", "to_flags",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -89,12 +89,14 @@ class ModelCall:
 class StepInfo:
     """Progress of one finished sampling step (passed to the user's callback)."""
 
-    step: int  # 1-based
-    total: int
+    step: int  # 1-based, counted over all passes
+    total: int  # steps of all passes (image-first text-to-video: 2 x steps)
     timestep: int
     expert: Optional[str]  # "high" / "low" for two-expert models, else None
     latent: Tensor  # [1, C, T, h, w] solver state after the step
     x0_pred: Tensor  # [1, C, T, h, w] the clean-latent prediction of this step (for previews)
+    pass_index: int = 1  # image-first: 1 = the first frame from the text, 2 = the video from it
+    passes: int = 1
 
 
 StepCallback = Callable[[StepInfo], object]
@@ -276,14 +278,32 @@ class Pipeline:
         their aliases)."""
         return resolve(self.spec, Request.from_options(prompt, image, **options))
 
-    def generate(self, prompt: str | None = None, image: Any = None, *, callback: StepCallback | None = None,
-                 **options: Any) -> Video:
-        """Make one video: `settings(prompt, image, **options)` then `run`. `image` (a path, PIL
+    def generate(self, prompt: str | Sequence[str] | None = None, image: Any = None, *,
+                 callback: StepCallback | None = None, num_videos_per_prompt: int = 1,
+                 output_type: str = "np", **options: Any) -> Any:
+        """Make a video: `settings(prompt, image, **options)` then `run`. `image` (a path, PIL
         image or uint8 array) turns on image-to-video; there `size` only sets the pixel area and
         the aspect ratio follows the image. With `output=` the video is also saved there
         (`watermark=`, `sign=`, `include_prompt=` as in `Video.save`). `callback(StepInfo)` runs
-        after every sampling step (of both passes with `image_first`)."""
-        s = self.settings(prompt, image, **options)
+        after every sampling step (of both passes with `image_first`).
+
+        diffusers-style batches (`Request.batch`): a list of prompts and/or
+        `num_videos_per_prompt` > 1 give a list of videos; `generator=` seeds them.
+        `output_type="latent"` returns the final latent [C, T, h, w] instead (not decoded, not
+        saved)."""
+        many = isinstance(prompt, (list, tuple)) or num_videos_per_prompt != 1
+        requests = Request.batch(prompt, image, num_videos_per_prompt, **options)
+        settings = [resolve(self.spec, r) for r in requests]  # all checked before any work
+        out = [self._generate_one(s, callback, output_type) for s in settings]
+        return out if many else out[0]
+
+    def _generate_one(self, s: Settings, callback: StepCallback | None, output_type: str) -> Any:
+        if output_type not in ("np", "latent"):
+            raise InputError(f"output_type= must be 'np' or 'latent', got {output_type!r}")
+        if output_type == "latent":
+            latent: list[Tensor] = []
+            self.run(s, callback=callback, hooks=Hooks(on_final_latent=latent.append), decode=False)
+            return latent[0]
         video = self.run(s, callback=callback)
         if s.output is not None:
             video.save(s.output, watermark=s.watermark, sign=s.sign, include_prompt=s.include_prompt)
@@ -299,8 +319,11 @@ class Pipeline:
         feats = self.text_encoder.encode(prompts)
         return feats[0], (feats[1] if need_null else None)
 
-    def run(self, s: Settings, *, callback: StepCallback | None = None, hooks: Hooks | None = None) -> Video:
-        """Generate from validated settings (`settings`, or `kinema.prepare` for this model)."""
+    def run(self, s: Settings, *, callback: StepCallback | None = None, hooks: Hooks | None = None,
+            decode: bool = True) -> Optional[Video]:
+        """Generate from validated settings (`settings`, or `kinema.prepare` for this model).
+        `decode=False` stops after sampling (the latent reaches `hooks.on_final_latent`) and
+        returns None."""
         if s.spec != self.spec:
             raise InputError(f"these settings were made for {s.spec.name}, not for {self.spec.name}")
         for name, value in self.runtime.items():
@@ -322,14 +345,24 @@ class Pipeline:
             models = [self.transformer] + ([self.transformer_2] if self.spec.two_experts else [])
             schedule = SAMPLERS[s.sampler][0](s.steps, s.shift)
 
+            passes = 2 if s.image_first else 1
+            done = [0]  # passes finished
+
+            def report(info: StepInfo) -> None:  # the step counted over all passes
+                callback(replace(info, step=done[0] * s.steps + info.step, total=passes * s.steps,
+                                 pass_index=done[0] + 1, passes=passes))
+
             def sample(cond: Conditioning, noise: Tensor) -> Tensor:
                 if hooks.on_conditioning is not None:
                     hooks.on_conditioning(cond)
                 experts = Experts(models, s.guidance, s.boundary, self.device, self.offload)
-                return denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
-                                     device=self.device, callback=callback, trace=hooks.on_model_call,
-                                     batch_cfg=cond.plan.seq_len <= BATCH_CFG_MAX_TOKENS,
-                                     generator=step_noise_generator(s.seed, noise.shape))
+                latent = denoise_video(experts, noise, context, context_null, cond, schedule, s.sampler,
+                                       device=self.device, callback=None if callback is None else report,
+                                       trace=hooks.on_model_call,
+                                       batch_cfg=cond.plan.seq_len <= BATCH_CFG_MAX_TOKENS,
+                                       generator=step_noise_generator(s.seed, noise.shape))
+                done[0] += 1
+                return latent
 
             if s.image_first and s.image_first_scale > 1:
                 # pass 1: text-to-image at k x the size, exactly `frames=1, size=k*size` with this
@@ -355,6 +388,8 @@ class Pipeline:
                 latent = sample(cond, noise)
             if hooks.on_final_latent is not None:
                 hooks.on_final_latent(latent)
+            if not decode:
+                return None
             with resident(self.vae, self.device, self.offload):
                 frames = decode_frames(self.vae, latent, self.device, hooks.on_decoded_chunk)
         meta = sidecar_metadata(s, source=self.source, layout=self.layout, runtime=self.runtime,
@@ -418,18 +453,21 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     return pipe
 
 
-def generate(prompt: str | None = None, image: Any = None, *, model: str | os.PathLike | None = None,
-             callback: StepCallback | None = None, **options: Any) -> Video:
-    """One call: validate (`prepare`), `load` the model with the request's runtime options,
-    `run`, and save when `output=` is given. Loading dominates: for several videos, `load` once
-    and call `Pipeline.generate`."""
-    settings = prepare(model, prompt, image, **options)
-    pipe = load(model, **Request.from_options(prompt, image, **options).given("runtime"))
-    video = pipe.run(settings, callback=callback)
-    if settings.output is not None:
-        video.save(settings.output, watermark=settings.watermark, sign=settings.sign,
-                   include_prompt=settings.include_prompt)
-    return video
+def generate(prompt: str | Sequence[str] | None = None, image: Any = None, *,
+             model: str | os.PathLike | None = None, callback: StepCallback | None = None,
+             num_videos_per_prompt: int = 1, output_type: str = "np", **options: Any) -> Any:
+    """One call: validate every request (headers only), `load` the model with the runtime
+    options, generate (as `Pipeline.generate`: lists, `num_videos_per_prompt`, `generator`,
+    `output_type`), and save when `output=` is given."""
+    from .loading import inspect_folder
+
+    requests = Request.batch(prompt, image, num_videos_per_prompt, **options)
+    spec = inspect_folder(model_path(model)).spec
+    for r in requests:
+        resolve(spec, r)  # fail before loading
+    pipe = load(model, **requests[0].given("runtime"))
+    return pipe.generate(prompt, image, callback=callback, num_videos_per_prompt=num_videos_per_prompt,
+                         output_type=output_type, **options)
 
 
 __all__ = [

@@ -179,6 +179,51 @@ class Request:
     def with_(self, **changes: Any) -> "Request":
         return replace(self, **changes)
 
+    @classmethod
+    def batch(cls, prompt: Any = None, image: Any = None, num_videos_per_prompt: int = 1,
+              **options: Any) -> list["Request"]:
+        """The requests of one `generate` call, diffusers style: `prompt` may be a list (one video
+        each), `num_videos_per_prompt` videos per prompt (with `seed=S`: seeds S, S+1, ...), and
+        `generator=` a `torch.Generator` (or a list, one per video) whose seed
+        (`initial_seed()`) is the video's seed, so `generator=torch.Generator().manual_seed(42)`
+        is `seed=42`. With several videos, `output="clip.mp4"` becomes clip_1.mp4, clip_2.mp4, ..."""
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        if not prompts:
+            raise InputError("prompt= is an empty list")
+        if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) \
+                or num_videos_per_prompt < 1:
+            raise InputError(f"num_videos_per_prompt= must be an integer >= 1, got {num_videos_per_prompt!r}")
+        count = len(prompts) * num_videos_per_prompt
+        generator = options.pop("generator", None)
+        seeds: list[Any] = [options.get("seed")] * count
+        if generator is not None:
+            if options.get("seed") is not None:
+                raise InputError("give seed= or generator=, not both")
+            gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+            if len(gens) not in (1, count):
+                raise InputError(f"generator= is a list of {len(gens)} for {count} videos")
+            if not all(hasattr(g, "initial_seed") for g in gens):
+                raise InputError("generator= must be a torch.Generator (or a list of them)")
+            seeds = [int(gens[0 if len(gens) == 1 else k].initial_seed()) for k in range(count)]
+        if len(set(map(str, seeds))) == 1 and seeds[0] is not None:  # one seed for every video
+            seeds = [seeds[0] + j for _ in prompts for j in range(num_videos_per_prompt)]
+        output = options.get("output")
+        out = []
+        for k in range(count):
+            opts = {**options, "seed": seeds[k]}
+            if output is not None and count > 1:
+                opts["output"] = numbered(output, k + 1)
+            out.append(cls.from_options(prompts[k // num_videos_per_prompt], image, **opts))
+        return out
+
+
+def numbered(path: Any, k: int) -> str:
+    """clip.mp4 -> clip_K.mp4: the K-th (1-based) of several outputs asked for under one name."""
+    import os
+
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}_{k}{ext}"
+
 
 _ALIASES = {alias: name for name, opt in Request.options() for alias in opt.aliases}
 
@@ -213,4 +258,4 @@ def _apply_aliases(values: dict[str, Any], options: dict[str, Any]) -> None:
         values["guidance"] = high if low is None else (low, high)  # kinema's order: (low, high)
 
 
-__all__ = ["GROUPS", "Option", "Request", "parse_guidance", "parse_size"]
+__all__ = ["GROUPS", "Option", "Request", "numbered", "parse_guidance", "parse_size"]
