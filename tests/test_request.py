@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import stat
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -71,12 +72,12 @@ def test_every_field_is_a_generate_flag(capsys, monkeypatch):
         if opt.argument:
             assert name.upper() in out
             continue
-        flag = opt.flag or "--" + name.replace("_", "-")
+        flag, off = opt.flags(name)
         assert flag in out, name
         if opt.short:
             assert opt.short in out
-        if opt.off:
-            assert opt.off in out
+        if typing.get_type_hints(Request)[name] == typing.Optional[bool]:
+            assert off in out, name
         assert opt.help.split()[0] in out
 
 

@@ -33,8 +33,7 @@ def default_output_name(prompt: str, seed: int) -> Path:
 
 def flag_of(name: str) -> str:
     """The CLI flag of a `Request` field."""
-    opt = dict(Request.options())[name]
-    return opt.flag or "--" + name.replace("_", "-")
+    return dict(Request.options())[name].flags(name)[0]
 
 
 def _cli_type(name: str, annotation: Any, cli_type: Optional[type]) -> type:
@@ -57,8 +56,8 @@ def request_parameters() -> list[inspect.Parameter]:
         if opt.argument:
             default = typer.Argument(None, help=opt.help, show_default=False, metavar=name.upper())
         else:
-            flag = flag_of(name)
-            decls = [f"{flag}/{opt.off or '--no-' + flag[2:]}"] if kind is bool else [flag]
+            flag, off = opt.flags(name)
+            decls = [f"{flag}/{off}"] if kind is bool else [flag]
             if opt.short:
                 decls.insert(0, opt.short)
             default = typer.Option(None, *decls, help=opt.help, show_default=False,

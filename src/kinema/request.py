@@ -14,7 +14,7 @@ file is written (`Video.save` keywords). Nothing else needs editing: flags, side
 follow. `test_request.py` checks every field reaches each surface.
 """
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import InputError
@@ -38,6 +38,14 @@ class Option:
     # sampling fields in the reproduce command: "always", or "changed" = only when the value
     # differs from the model's default (long or rarely changed options)
     command: str = "always"
+
+
+    def flags(self, name: str) -> tuple[str, Optional[str]]:
+        """(the on / value flag, the off flag or None) of field `name` on the CLI."""
+        if self.argument:
+            return name.upper(), None
+        flag = self.flag or "--" + name.replace("_", "-")
+        return flag, self.off or "--no-" + flag[2:]
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -97,6 +105,9 @@ class Request:
     high-noise) for two-expert models. The diffusers aliases go the other way round:
     `guidance_scale` is the high-noise expert's (or the only) scale and `guidance_scale_2` the
     low-noise expert's, so guidance_scale=4, guidance_scale_2=3 is guidance=(3, 4).
+
+    Python-only keywords of `generate` that are not fields: `generator` (its seed becomes
+    `seed`), `num_videos_per_prompt`, a list as `prompt` (see `batch`), `output_type`, `callback`.
     """
 
     # -- sampling: these change the frames
@@ -175,9 +186,6 @@ class Request:
     def given(self, group: Optional[str] = None) -> dict[str, Any]:
         """The fields that are set (not None), optionally of one group."""
         return {n: getattr(self, n) for n, _ in self.options(group) if getattr(self, n) is not None}
-
-    def with_(self, **changes: Any) -> "Request":
-        return replace(self, **changes)
 
     @classmethod
     def batch(cls, prompt: Any = None, image: Any = None, num_videos_per_prompt: int = 1,

@@ -88,9 +88,9 @@ class Settings:
                 value = self.image_info["path"]
             if opt.command == "changed" and value == getattr(defaults, name, None):
                 continue
-            flag = opt.flag or "--" + name.replace("_", "-")
+            flag, off = opt.flags(name)
             if isinstance(value, bool):
-                args.append(flag if value else (opt.off or "--no-" + flag[2:]))
+                args.append(flag if value else off)
             else:
                 args += [flag, opt.show(value) if opt.show else str(value)]
         return shlex.join(args)
