@@ -64,6 +64,15 @@ def written(monkeypatch):
 # ------------------------------------------------------------------------------ one source
 
 
+def test_options_are_well_formed():
+    from kinema.request import GROUPS
+
+    for name, opt in Request.options():
+        assert opt.group in GROUPS and opt.command in ("always", "changed"), name
+        assert opt.help.strip() and "\n" not in opt.help, name
+        assert getattr(Request(), name) is None  # None = the model's default
+
+
 def test_every_field_is_a_generate_flag(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")
     code, out, _ = cli(capsys, "generate", "--help")

@@ -6,12 +6,13 @@ keywords of `kinema.prepare` / `kinema.generate` / `Pipeline.generate`, the side
 `metadata["kinema"]` is an `Option`: one-line help, the CLI flag, Python aliases and a group.
 
 To add an option: add one field below (default None = "the model's", a simple type, an `Option`
-with help and group), then its check in `kinema.validate.resolve` (which fills the resolved
-value into `Settings.request`). Groups: "sampling" options change the frames (they go into the
-reproduce command); "runtime" options do not (device, dtype, ...: keywords of `kinema.load` of
-the same name, also readable as `settings.<name>` during a run); "output" options say how the
-file is written (`Video.save` keywords). Nothing else needs editing: flags, sidecar and command
-follow. `test_request.py` checks every field reaches each surface.
+with help and group), then its check in `kinema.validate.resolve` (which puts the resolved value
+into `Settings.request`; `settings.<name>` reads it). Groups: "sampling" options change the
+frames (they go into the reproduce command); "runtime" options do not: a load-time one is a
+keyword of `kinema.load` of the same name and an entry of `Pipeline.runtime` (`run` refuses
+settings asking for another value), a per-run one is read as `settings.<name>` in
+`Pipeline.run`; "output" options say how the file is written (`Video.save` keywords). Flags,
+sidecar and command follow by themselves; `tests/test_request.py` checks every field reaches each.
 """
 
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,6 @@ class Option:
     # sampling fields in the reproduce command: "always", or "changed" = only when the value
     # differs from the model's default (long or rarely changed options)
     command: str = "always"
-
 
     def flags(self, name: str) -> tuple[str, Optional[str]]:
         """(the on / value flag, the off flag or None) of field `name` on the CLI."""
