@@ -583,7 +583,7 @@ def infer_vae_config(comp: ComponentInfo) -> VAEConfig:
         out = VAEConfig(version=version, dim=dim, dec_dim=dec_dim, z_dim=z_dim,
                         latents_mean=tuple(float(m) for m in mean), latents_std=tuple(float(s) for s in std),
                         **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"{source}: bad VAE field ({exc})") from None
     limits.check_vae(out, source)
     return out
@@ -649,7 +649,7 @@ def _apply_overrides(defaults: SamplingDefaults, overrides: Mapping[str, Any], s
             elif key == "image_first":
                 if not isinstance(value, bool):
                     raise ValueError("image_first must be true or false")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ModelFolderError(f"{source}: bad value for {key!r}: {value!r} ({exc})") from None
         changes[key] = value
     out = replace(defaults, **changes)
