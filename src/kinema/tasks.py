@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
@@ -33,15 +34,50 @@ from .errors import InputError
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray]  # noqa: F821
 
 
+# Largest first frame accepted: 16,384 px a side and 64 MP (an 8K frame is 33 MP). Larger is a
+# decompression bomb or a mistake; either way it would be shrunk to ~1 MP at once.
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _check_image_size(width: int, height: int, where: str) -> None:
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{where} is {width}x{height}: larger than the limit of {MAX_IMAGE_SIDE} px a side and "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} MP"
+        )
+
+
+def _to_rgb(img: "PIL.Image.Image") -> "PIL.Image.Image":  # noqa: F821
+    """RGB, scaling high-bit-depth grey (PIL's "I;16*"/"I"/"F" modes) to 8 bits instead of
+    clipping it (`convert("RGB")` would turn a 16-bit scan almost white)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.size and float(arr.max()) <= 1.0 else 255.0
+        elif img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255):
+            top = 65535.0
+        else:
+            top = 255.0
+        grey = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(image: ImageLike) -> "PIL.Image.Image":  # noqa: F821
-    """An RGB PIL image from a path, a PIL image or a uint8 array [H, W, 3]; InputError if unusable."""
+    """An RGB PIL image from a path, a PIL image or a uint8 array [H, W, 3]; InputError if unusable
+    (unreadable, truncated, empty, or over `MAX_IMAGE_SIDE` / `MAX_IMAGE_PIXELS`)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
+        _check_image_size(image.width, image.height, "the image")
         img = image
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"an image array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        _check_image_size(image.shape[1], image.shape[0], "the image array")
         img = Image.fromarray(image)
     else:
         path = Path(image)
@@ -50,13 +86,25 @@ def load_image(image: ImageLike) -> "PIL.Image.Image":  # noqa: F821
         if not path.is_file():
             raise InputError(f"image is not a file: {path}")
         try:
-            with Image.open(path) as opened:
-                opened.load()  # decode now: a truncated file fails here, not later
-                img = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+                opened = Image.open(path)
+        except Image.DecompressionBombError:
+            raise InputError(f"image {path} is larger than the limit of {MAX_IMAGE_SIDE} px a side and "
+                             f"{MAX_IMAGE_PIXELS // 1_000_000} MP") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"cannot read image {path}: {reason}") from None
-    img = img.convert("RGB")
+        try:
+            with opened:
+                # the header gives the size: refuse a bomb before decoding a single pixel
+                _check_image_size(opened.width, opened.height, f"image {path}")
+                opened.load()  # decode now: a truncated file fails here, not later
+                img = _to_rgb(opened)
+        except (OSError, ValueError, SyntaxError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"cannot read image {path}: {reason}") from None
+    img = _to_rgb(img)
     if img.width < 1 or img.height < 1:
         raise InputError("the image is empty")
     return img
