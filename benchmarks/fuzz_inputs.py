@@ -140,7 +140,7 @@ def main() -> int:
     from PIL import Image
 
     from kinema.cli import main as cli_main
-    from kinema.conditioning import load_image
+    from kinema.tasks import load_image
     from kinema.loading import inspect_folder
     from kinema.testing.fixtures import make_tiny_model
 

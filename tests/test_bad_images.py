@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kinema.conditioning import load_image
+from kinema.tasks import load_image
 from kinema.errors import InputError
 
 
