@@ -131,6 +131,40 @@ def verify(
 _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the program is, so the same clean-up as Ctrl-C runs (temporary
+    files removed, old outputs left as they were); the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate_like_interrupt() -> dict[str, int | None]:
+    """Install the SIGTERM / SIGHUP handlers; the returned dict records which signal arrived
+    (typer turns any KeyboardInterrupt into a plain exit status 130, losing the exception)."""
+    import signal
+    import threading
+
+    seen: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        return seen
+
+    def handler(signum: int, frame: object) -> None:
+        seen["signum"] = signum
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
+    return seen
+
+
+def _interrupted(signum: int | None) -> None:
+    print("aborted" if signum is None else f"terminated by signal {signum}", file=sys.stderr)
+    sys.exit(130 if signum is None else 128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     import os
@@ -142,22 +176,28 @@ def main(argv: list[str] | None = None) -> None:
 
     from .generate_cmd import to_flags
 
+    seen = _terminate_like_interrupt()
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
     except KinemaError as exc:
         print(f"error: {to_flags(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:
+        if seen["signum"] is not None or exc.exit_code == 130:
+            _interrupted(seen["signum"])
         sys.exit(exc.exit_code)
     except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(seen["signum"])
     except _CLICK_EXCEPTION as exc:  # usage errors: bad value, unknown option or command, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":  # `kinema` alone: the help text
             exc.show()
         else:
             print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    if seen["signum"] is not None or status == 130:  # typer's way of reporting a KeyboardInterrupt
+        _interrupted(seen["signum"])
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

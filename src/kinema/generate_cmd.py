@@ -169,7 +169,7 @@ def run_generate(request: Request, model: Optional[Path] = None, prompts_file: O
     for r in requests:
         settings = _prepare(path, r)
         out = Path(settings.output) if settings.output else check_output_path(default_output_name(
-            settings.prompt, settings.seed))
+            settings.prompt, settings.seed), overwrite=settings.overwrite)
         jobs.append((r, settings, out))
 
     written = []
@@ -189,14 +189,17 @@ def run_generate(request: Request, model: Optional[Path] = None, prompts_file: O
                 video = pipe.run(settings, callback=bar)
             finally:
                 bar.close()
-            video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt)
+            video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt,
+                       overwrite=settings.overwrite)
             w, h = video.size
             print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
             written.append(out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         import typer
 
+        if getattr(exc, "signum", None) is not None:
+            raise  # SIGTERM / SIGHUP: the CLI exits 128 + the signal number
         raise typer.Abort() from None  # "aborted", exit 130, no traceback; no partial file stays
     return written
 

@@ -306,7 +306,8 @@ class Pipeline:
             return latent[0]
         video = self.run(s, callback=callback)
         if s.output is not None:
-            video.save(s.output, watermark=s.watermark, sign=s.sign, include_prompt=s.include_prompt)
+            video.save(s.output, watermark=s.watermark, sign=s.sign, include_prompt=s.include_prompt,
+                       overwrite=s.overwrite)
         return video
 
     # -- the work -----------------------------------------------------------------------------

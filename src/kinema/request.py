@@ -154,6 +154,8 @@ class Request:
                                 group="output")
     include_prompt: Optional[bool] = _opt("Write the prompt into the signed Content Credentials (default: off).",
                                           group="output", off="--no-include-prompt")
+    overwrite: Optional[bool] = _opt("Replace an existing output video and its sidecar (default: refuse).",
+                                     group="output", off="--no-overwrite")
 
     # -- building and reading -----------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import limits
 from .config import ModelSpec
 from .errors import InputError
 from .request import Request, parse_guidance, parse_size
@@ -110,6 +111,12 @@ def _int(name: str, value: Any) -> int:
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InputError(f"{name}= must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")  # the sidecar, the manifest and the tokenizer all need UTF-8
+    except UnicodeEncodeError:
+        raise InputError(f"{name}= holds bytes that are not valid UTF-8 (check the terminal's encoding)") from None
+    if "\x00" in value:
+        raise InputError(f"{name}= holds a NUL character")
     return value
 
 
@@ -146,6 +153,8 @@ def _size(spec: ModelSpec, size: Any) -> tuple[int, int]:
         raise InputError(f"size= must be (width, height), got {size!r}") from None
     multiple = spec.vae.spatial_stride * spec.dit.patch_size[1]
     multiple_w = spec.vae.spatial_stride * spec.dit.patch_size[2]
+    if width > limits.MAX_SIDE or height > limits.MAX_SIDE:
+        raise InputError(f"size {width}x{height} is too large: at most {limits.MAX_SIDE} pixels a side")
     if width < 1 or height < 1 or width % multiple_w or height % multiple:
         raise InputError(
             f"size {width}x{height} cannot be made by {spec.name}: width and height must be positive "
@@ -201,11 +210,13 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     tstride = spec.vae.temporal_stride
     if frames < 1 or (frames - 1) % tstride:
         raise InputError(f"frames= must be {tstride}n+1 (1, {tstride + 1}, {2 * tstride + 1}, ...), got {frames}")
+    if frames > limits.MAX_FRAMES:
+        raise InputError(f"frames= {frames} is too many: at most {limits.MAX_FRAMES}")
     width, height = _size(spec, d.size if r.size is None else r.size)
 
     steps = d.steps if r.steps is None else _int("steps", r.steps)
-    if steps < 1:
-        raise InputError(f"steps= must be >= 1, got {steps}")
+    if not 1 <= steps <= limits.MAX_STEPS:
+        raise InputError(f"steps= must be 1 to {limits.MAX_STEPS}, got {steps}")
     guidance = _guidance(d.guidance if r.guidance is None else r.guidance, spec.two_experts)
     try:
         shift = float(d.shift if r.shift is None else r.shift)
@@ -247,18 +258,24 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     device = resolve_device(r.device)
     dtype = None if r.dtype is None else str(resolve_dtype(r.dtype, device)).replace("torch.", "")
 
+    overwrite = False if r.overwrite is None else _bool("overwrite", r.overwrite)
     output = None
     if r.output is not None:
         from .video import check_output_path
 
-        output = str(check_output_path(r.output))
+        output = str(check_output_path(r.output, overwrite=overwrite))
+    sign = True if r.sign is None else _bool("sign", r.sign)
+    if sign:  # a broken or uncreatable signing identity fails now, not after the generation
+        from .provenance.credentials import check_identity
+
+        check_identity()
     resolved = replace(
         r, prompt=prompt, negative_prompt=negative_prompt, size=(width, height), max_area=max_area,
         frames=frames, steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
         image_first=image_first, image_first_scale=scale,
         device=None if r.device is None else str(device), dtype=dtype,
         output=output, watermark=True if r.watermark is None else _bool("watermark", r.watermark),
-        sign=True if r.sign is None else _bool("sign", r.sign),
+        sign=sign, overwrite=overwrite,
         include_prompt=False if r.include_prompt is None else _bool("include_prompt", r.include_prompt),
     )
     return Settings(request=resolved, spec=spec, plan=plan, fps=float(d.fps),

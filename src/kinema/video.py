@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import InputError
-from .video_io import part_path
+from .video_io import clean_stale_parts, part_path
 
 SIDECAR_SUFFIX = ".json"
 VIDEO_SUFFIX = ".mp4"
@@ -47,37 +48,73 @@ class Video:
         return hashlib.sha256(np.ascontiguousarray(self.frames).data).hexdigest()[:12]
 
     def save(self, path: str | os.PathLike, *, watermark: bool = True, sign: bool = True,
-             include_prompt: bool = False) -> Path:
-        """Write the MP4 (H.264, yuv420p, faststart; atomically) and its JSON sidecar.
+             include_prompt: bool = False, overwrite: bool = False) -> Path:
+        """Write the MP4 (H.264, yuv420p, faststart) and its JSON sidecar, as a pair.
 
         The sidecar goes next to the video with the suffix replaced by `.json`
-        (`clip.mp4` -> `clip.json`) and holds everything needed to reproduce the clip.
-        The watermark's per-video id is derived from the frames themselves, so the same seed
-        and settings give bit-identical frames, watermark included. The prompt goes into the
-        signed credentials only with `include_prompt`. Returns the video path.
+        (`clip.mp4` -> `clip.json`), holds everything needed to reproduce the clip and the
+        MP4's sha256. An existing video or sidecar is replaced only with `overwrite=True`.
+        Both files are finished in a hidden staging folder beside the target first, so a failed
+        run leaves the old pair untouched; then the sidecar is renamed into place before the
+        video, so a crash between the two renames leaves at worst a new sidecar whose sha256
+        does not match the old video (which `kinema verify` reports), never an old sidecar
+        describing a new video. The watermark's per-video id is derived from the frames, so the
+        same seed and settings give bit-identical frames, watermark included. The prompt goes into
+        the signed credentials only with `include_prompt`. Returns the video path.
         """
         path = Path(path)
-        check_output_path(path)
+        check_output_path(path, overwrite=overwrite)
         from .provenance import finalize_video
 
         meta = self.metadata
-        facts = finalize_video(
-            self.frames, path, self.fps, model_name=str(meta.get("model", {}).get("name", "unknown")),
-            watermark=watermark, sign=sign, prompt=meta.get("settings", {}).get("prompt"),
-            include_prompt=include_prompt,
-            video_id=self.content_id(),
-        )
-        # the output options as this file was really written (Request's "output" group)
-        written = {"output": str(path), "watermark": watermark, "sign": sign, "include_prompt": include_prompt}
-        sidecar = {**meta, "file": path.name, "provenance": facts}
-        if "settings" in meta:
-            sidecar["settings"] = {**meta["settings"], **written}
+        stage = part_path(path, "stage")
+        stage.mkdir()
         try:
-            _write_json_atomic(sidecar_path(path), sidecar)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+            staged = stage / path.name  # the final name: the C2PA title says clip.mp4
+            facts = finalize_video(
+                self.frames, staged, self.fps, model_name=str(meta.get("model", {}).get("name", "unknown")),
+                watermark=watermark, sign=sign, prompt=meta.get("settings", {}).get("prompt"),
+                include_prompt=include_prompt, video_id=self.content_id(),
+            )
+            # the output options as this file was really written (Request's "output" group)
+            written = {"output": str(path), "watermark": watermark, "sign": sign,
+                       "include_prompt": include_prompt, "overwrite": overwrite}
+            sidecar = {**meta, "file": path.name, "sha256": file_sha256(staged), "provenance": facts}
+            if "settings" in meta:
+                sidecar["settings"] = {**meta["settings"], **written}
+            staged_json = stage / sidecar_path(path).name
+            _write_json(staged_json, sidecar)
+            if not overwrite:  # another process may have written there since the check
+                for target in (path, sidecar_path(path)):
+                    if os.path.lexists(target):
+                        raise InputError(f"{target} exists; pass overwrite=True to replace it")
+            os.replace(staged_json, sidecar_path(path))
+            os.replace(staged, path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (recorded in the sidecar, checked by `kinema verify`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_matches(video_path: str | os.PathLike) -> Optional[bool]:
+    """Whether the sidecar next to a video describes it: None when there is no sidecar (or it
+    records no sha256), else whether its sha256 equals the video's."""
+    side = sidecar_path(video_path)
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, str):
+        return None
+    return recorded == file_sha256(video_path)
 
 
 def sidecar_path(video_path: str | os.PathLike) -> Path:
@@ -85,10 +122,11 @@ def sidecar_path(video_path: str | os.PathLike) -> Path:
     return Path(video_path).with_suffix(SIDECAR_SUFFIX)
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """InputError unless an MP4 and its sidecar can be written at `path`: an .mp4 name in an
     existing folder where a temporary file can really be created (a write check alone passes
-    in places such as /sys as root)."""
+    in places such as /sys as root), not replacing an existing file unless `overwrite`.
+    Also removes stale temporary files that killed kinema runs left in that folder."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"output {path} is a folder; give a file name such as {path / 'video.mp4'}")
@@ -99,9 +137,16 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
-    for target in (path, sidecar_path(path)):
-        if target.exists() and not os.access(target, os.W_OK):
-            raise InputError(f"cannot write {target}: the existing file is read-only")
+    side = sidecar_path(path)
+    if side.is_dir():
+        raise InputError(f"cannot write the sidecar {side}: it is a folder")
+    for target in (path, side):
+        if os.path.lexists(target):
+            if not overwrite:
+                raise InputError(f"{target} exists; pass overwrite=True to replace it")
+            if not os.access(target, os.W_OK):
+                raise InputError(f"cannot write {target}: the existing file is read-only")
+    clean_stale_parts(folder)
     probe = part_path(path, "probe")
     try:
         with open(probe, "x"):
@@ -112,18 +157,10 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    # A temporary name of our own (not mkstemp, whose 0600 mode would ignore the umask), renamed
-    # over the target once complete.
-    tmp = part_path(path, "part")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "x", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
 
 
 def sidecar_metadata(settings: Any, *, source: Optional[str], layout: Optional[str], runtime: dict[str, Any],
@@ -158,4 +195,5 @@ def sidecar_metadata(settings: Any, *, source: Optional[str], layout: Optional[s
     }
 
 
-__all__ = ["SIDECAR_SUFFIX", "VIDEO_SUFFIX", "Video", "check_output_path", "sidecar_metadata", "sidecar_path"]
+__all__ = ["SIDECAR_SUFFIX", "VIDEO_SUFFIX", "Video", "check_output_path", "file_sha256", "sidecar_matches",
+           "sidecar_metadata", "sidecar_path"]

@@ -9,7 +9,9 @@ file ends up with the mode the umask gives (mkstemp's 0600 would survive the ren
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +25,44 @@ def part_path(path: str | os.PathLike, tag: str) -> Path:
     """A fresh hidden name beside `path` for a temporary file: `.NAME.PID.RANDOM.TAG`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
+
+
+# What `part_path` names look like, with the tags kinema uses (a killed run leaves these behind).
+_PART_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.(part|probe|stage|unsigned\.mp4|part\.mp4)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # exists but is someone else's (or an absurd number: not a pid)
+    return True
+
+
+def clean_stale_parts(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files and staging folders of our own naming in `folder` whose process is
+    gone (a run killed with SIGKILL cannot clean up after itself); returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PART_RE.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        p = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def write_mp4(

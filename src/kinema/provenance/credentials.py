@@ -159,10 +159,15 @@ def local_identity(base: Path | None = None, *, create: bool = True) -> SigningI
     if not (folder / "signer.key").is_file():
         if not create:
             return None
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Build in a private temporary directory, then rename: concurrent first uses race
-        # safely (the loser's copy is discarded) and nobody sees a half-written identity.
-        tmp = Path(tempfile.mkdtemp(prefix=".c2pa.", dir=base))  # mkdtemp makes it 0700
+        try:
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Build in a private temporary directory, then rename: concurrent first uses race
+            # safely (the loser's copy is discarded) and nobody sees a half-written identity.
+            tmp = Path(tempfile.mkdtemp(prefix=".c2pa.", dir=base))  # mkdtemp makes it 0700
+        except OSError as exc:
+            raise CredentialsError(
+                f"cannot create the signing identity in {folder}: {exc.strerror or exc} "
+                "(set KINEMA_CONFIG_DIR to a writable folder, or use --no-sign)") from None
         try:
             _generate(tmp)
             os.rename(tmp, folder)
@@ -192,6 +197,26 @@ def default_identity() -> SigningIdentity:
         return SigningIdentity.from_files(cert, key, os.environ.get("KINEMA_C2PA_ALG"))
     identity = local_identity()
     assert identity is not None
+    return identity
+
+
+def check_identity(identity: SigningIdentity | None = None) -> SigningIdentity:
+    """The identity that signing will use, checked now (before a generation, not after it): the
+    config folder can hold it, the key loads, and the certificate chain parses and belongs to it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    identity = identity or default_identity()
+    _alg_for_key(identity.key_pem)
+    try:
+        certs = x509.load_pem_x509_certificates(identity.cert_chain_pem)
+    except ValueError as exc:
+        raise CredentialsError(f"cannot read the signing certificate chain (PEM): {exc}") from None
+    key = serialization.load_pem_private_key(identity.key_pem, password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise CredentialsError("the signing key does not belong to the first certificate of the chain")
     return identity
 
 
