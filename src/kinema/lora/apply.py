@@ -213,9 +213,11 @@ def _plain_float(p: Any) -> bool:
 
 class LoraManager:
     """The LoRAs on the DiT(s) of one loaded model. `models[0]` is the single DiT or the
-    high-noise expert, `models[1]` the low-noise expert (the pipeline's order)."""
+    high-noise expert, `models[1]` the low-noise expert (the pipeline's order; a None second
+    entry, a one-DiT pipeline's `transformer_2`, is dropped)."""
 
-    def __init__(self, models: Sequence[nn.Module], *, restorable: bool = True):
+    def __init__(self, models: Sequence[nn.Module | None], *, restorable: bool = True):
+        models = [m for m in models if m is not None]
         if not 1 <= len(models) <= 2:
             raise ValueError("one DiT or two experts")
         self.models = list(models)
@@ -315,7 +317,7 @@ class LoraManager:
         with torch.no_grad():
             for k, model in enumerate(self.models):
                 params = dict(model.named_parameters())
-                sums: dict[str, Tensor] = {}  # param -> summed float32 delta
+                to_merge: dict[str, list[tuple[Delta, float]]] = {}  # param -> its deltas
                 branches: dict[str, list[tuple[Tensor | None, Tensor]]] = {}  # module -> terms
                 for i in range(n):
                     coef = strengths[i][k]
@@ -333,16 +335,22 @@ class LoraManager:
                             branches.setdefault(module_name, []).append(_side_term(delta, coef))
                             side_names[i][k].append(delta.param)
                         else:
-                            d = delta.tensor(tuple(p.shape), device=p.device, strength=coef)
-                            sums[delta.param] = d if delta.param not in sums else sums[delta.param] + d
+                            to_merge.setdefault(delta.param, []).append((delta, coef))
                             merged_names[i][k].append(delta.param)
-                for name, d in sums.items():
+                # One parameter at a time, so the float32 temporaries are one weight's worth
+                # (not the whole model's: 56 GB for an A14B expert).
+                for name, terms in to_merge.items():
                     p = params[name]
+                    shape = tuple(p.shape)
+                    d = terms[0][0].tensor(shape, device=p.device, strength=terms[0][1])
+                    for delta, coef in terms[1:]:
+                        d += delta.tensor(shape, device=p.device, strength=coef)
                     if self.restorable:
                         self._originals[k].setdefault(name, p.detach().to("cpu", copy=True))
                     else:
                         self._dirty = True
-                    p.data.copy_(p.detach().float() + d)  # one rounding to the parameter's dtype
+                    p.data.copy_(d.add_(p.detach()))  # float32 sum, one rounding to p's dtype
+                    del d
                 for module_name, terms in branches.items():
                     self._hooks.append(model.get_submodule(module_name).register_forward_hook(_SideBranch(terms)))
         as_tuples = lambda rows: [tuple(tuple(x) for x in r) for r in rows]  # noqa: E731
