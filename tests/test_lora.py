@@ -477,6 +477,9 @@ def test_bad_files(tmp_path):
     diff = write(tmp_path, "diff.safetensors", {"diffusion_model.blocks.0.diff_m": torch.zeros(6, CFG.dim)})
     with pytest.raises(LoraError, match=r"blocks\.0\.diff_m has shape \(6, 64\); the model's blocks\.0\.modulation"):
         mgr.apply([diff])
+    dora = write(tmp_path, "dora.safetensors", {**comfy(fac, RANK), "diffusion_model.blocks.0.ffn.0.dora_scale": torch.ones(1, 64)})
+    with pytest.raises(LoraError, match="DoRA"):
+        mgr.apply([dora])
     assert_same_bits(model, original)  # nothing was half applied
 
 
@@ -586,3 +589,18 @@ def test_matches_diffusers_load_lora_weights(fmt, tmp_path):
     got = model.state_dict()
     for k, v in want.items():
         assert torch.allclose(got[k], v, atol=1e-6, rtol=0), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merge_computed_on_the_gpu_for_a_cpu_model(tmp_path):
+    model, reference = tiny(dtype=torch.bfloat16), tiny(dtype=torch.bfloat16)
+    original = snapshot(model)
+    path = write(tmp_path, "a.safetensors", comfy(factors(model, BLOCK_LINEARS), RANK))
+    mgr = LoraManager([model], compute_device="cuda")
+    mgr.apply([path])
+    LoraManager([reference]).apply([path])
+    assert next(model.parameters()).device.type == "cpu"
+    for k, v in reference.state_dict().items():  # same bf16 rounding of nearly the same float32 sum
+        assert torch.allclose(model.state_dict()[k].float(), v.float(), atol=1e-2, rtol=1e-2), k
+    mgr.apply([])
+    assert_same_bits(model, original)

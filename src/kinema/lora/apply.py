@@ -216,12 +216,17 @@ class LoraManager:
     high-noise expert, `models[1]` the low-noise expert (the pipeline's order; a None second
     entry, a one-DiT pipeline's `transformer_2`, is dropped)."""
 
-    def __init__(self, models: Sequence[nn.Module | None], *, restorable: bool = True):
+    def __init__(self, models: Sequence[nn.Module | None], *, restorable: bool = True,
+                 compute_device: torch.device | str | None = None):
+        """`compute_device`: where merge deltas are computed (None: where each weight lives).
+        An offloaded model lives on the CPU; merging there costs a matmul per weight on the
+        CPU, so a pipeline passes its GPU and each weight makes the round trip instead."""
         models = [m for m in models if m is not None]
         if not 1 <= len(models) <= 2:
             raise ValueError("one DiT or two experts")
         self.models = list(models)
         self.restorable = restorable
+        self.compute_device = None if compute_device is None else torch.device(compute_device)
         self._originals: list[dict[str, Tensor]] = [{} for _ in self.models]
         self._hooks: list[Any] = []
         self._dirty = False  # merged without originals: cannot be taken off
@@ -342,14 +347,15 @@ class LoraManager:
                 for name, terms in to_merge.items():
                     p = params[name]
                     shape = tuple(p.shape)
-                    d = terms[0][0].tensor(shape, device=p.device, strength=terms[0][1])
+                    dev = self.compute_device or p.device
+                    d = terms[0][0].tensor(shape, device=dev, strength=terms[0][1])
                     for delta, coef in terms[1:]:
-                        d += delta.tensor(shape, device=p.device, strength=coef)
+                        d += delta.tensor(shape, device=dev, strength=coef)
                     if self.restorable:
                         self._originals[k].setdefault(name, p.detach().to("cpu", copy=True))
                     else:
                         self._dirty = True
-                    p.data.copy_(d.add_(p.detach()))  # float32 sum, one rounding to p's dtype
+                    p.data.copy_(d.add_(p.detach().to(dev)))  # float32 sum, one rounding to p's dtype
                     del d
                 for module_name, terms in branches.items():
                     self._hooks.append(model.get_submodule(module_name).register_forward_hook(_SideBranch(terms)))

@@ -60,6 +60,9 @@ _SUFFIXES = (
 )
 _PEFT_ADAPTER = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")  # lora_A.<adapter>.weight
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the PEFT config
+# Adapters that are not a sum of low-rank and full deltas: refused rather than half applied.
+_UNSUPPORTED = (("lora_magnitude_vector", "DoRA"), (".dora_scale", "DoRA"), (".hada_", "LyCORIS LoHa"),
+                (".lokr_", "LyCORIS LoKr"), (".lora_mid.", "LyCORIS LoCon (Tucker)"))
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,10 @@ def match_lora(lora: LoraFile, index: ModelIndex) -> Matched:
     encoder's keys, ...) or of an unknown kind are returned as unmatched. A matched key whose
     shape cannot fit raises LoraError naming the key.
     """
+    for key in lora.tensors:
+        for marker, kind in _UNSUPPORTED:
+            if marker in key:
+                raise LoraError(f"{lora.name}: {key} is a {kind} key; only plain LoRA factors and full deltas are supported")
     groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
     unmatched: list[str] = []
     for key, value in lora.tensors.items():
