@@ -320,7 +320,7 @@ def test_per_expert_targets_and_strengths(tmp_path):
     assert report.loras[0].strengths == (1.0, 0.5)
     assert torch.allclose(high.blocks[0].ffn[0].weight, by_hand(tiny(seed=0), fac, 1.0)["blocks.0.ffn.0.weight"])
     assert torch.allclose(low.blocks[0].ffn[0].weight, by_hand(tiny(seed=1), fac, 0.5)["blocks.0.ffn.0.weight"])
-    assert report.records()[0]["strength"] == [1.0, 0.5]
+    assert report.records()[0]["strength"] == {"high": 1.0, "low": 0.5}
     mgr.apply([])
     assert_same_bits(high, h0)
     assert_same_bits(low, l0)
@@ -604,3 +604,18 @@ def test_merge_computed_on_the_gpu_for_a_cpu_model(tmp_path):
         assert torch.allclose(model.state_dict()[k].float(), v.float(), atol=1e-2, rtol=1e-2), k
     mgr.apply([])
     assert_same_bits(model, original)
+
+
+def test_records_reach_the_sidecar_and_the_manifest(tmp_path, config):
+    import numpy as np
+
+    from kinema.pipeline import Video, sidecar_path
+    from kinema.provenance import credentials as cr
+
+    model = tiny()
+    path = write(tmp_path, "style.safetensors", comfy(factors(model, BLOCK_LINEARS), RANK))
+    records = LoraManager([model, tiny()]).apply([LoraSpec(path, (1.0, 0.5))]).records()
+    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    out = Video(frames=frames, fps=8.0, metadata={"model": {"name": "tiny"}, "loras": records}).save(tmp_path / "v.mp4")
+    assert json.loads(sidecar_path(out).read_text())["loras"] == records
+    assert cr.read_credentials(out)["generation"]["loras"] == records

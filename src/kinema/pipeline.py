@@ -669,7 +669,7 @@ class Video:
         facts = finalize_video(
             self.frames, path, self.fps, model_name=str(meta.get("model", {}).get("name", "unknown")),
             watermark=watermark, sign=sign, prompt=meta.get("prompt"), include_prompt=include_prompt,
-            video_id=self.content_id(),
+            video_id=self.content_id(), loras=meta.get("loras"),
         )
         sidecar = {**meta, "file": path.name, "provenance": facts}
         try:

@@ -94,9 +94,11 @@ class LoraSpec:
         return (high, low)
 
     @property
-    def record_strength(self) -> float | list[float]:
+    def record_strength(self) -> float | dict[str, float]:
+        """A number, or {"high": h, "low": l} (an object, not a list: the C2PA manifest's CBOR
+        turns lists of numbers into byte strings)."""
         s = self.strength
-        return [float(v) for v in s] if isinstance(s, (tuple, list)) else float(s)
+        return {"high": float(s[0]), "low": float(s[1])} if isinstance(s, (tuple, list)) else float(s)
 
 
 def parse_lora_arg(text: str, target: str = "both") -> LoraSpec:
