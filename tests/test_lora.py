@@ -233,12 +233,14 @@ def test_conv_lora_on_patch_embedding_and_diffusers_bias(tmp_path):
     bias = 0.1 * torch.randn(CFG.ffn_dim)
     tensors = diffusers_peft(fac, None)
     tensors["transformer.blocks.0.ffn.net.0.proj.lora_B.bias"] = bias  # diffusers' lora_bias
+    tensors["transformer.blocks.1.ffn.net.2.lora_B.lightx2v_t1.bias"] = bias[:CFG.dim].clone()  # with an adapter name
     path = write(tmp_path, "conv.safetensors", tensors)
     before = snapshot(model)
     LoraManager([model]).apply([LoraSpec(path, 2.0)])
     hand = by_hand(tiny(), fac, 2.0)
     assert torch.allclose(model.patch_embedding.weight, hand["patch_embedding.weight"], atol=1e-6)
     assert torch.allclose(model.blocks[0].ffn[0].bias, before["blocks.0.ffn.0.bias"] + 2.0 * bias, atol=1e-7)
+    assert torch.allclose(model.blocks[1].ffn[2].bias, before["blocks.1.ffn.2.bias"] + 2.0 * bias[:CFG.dim], atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ _SUFFIXES = (
     (".diff_m", "modulation"),
     (".diff", "weight"),
 )
-_PEFT_ADAPTER = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")  # lora_A.<adapter>.weight
+_PEFT_ADAPTER = re.compile(r"\.lora_([AB])\.[^.]+\.(weight|bias)$")  # lora_A.<adapter>.weight
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the PEFT config
 # Adapters that are not a sum of low-rank and full deltas: refused rather than half applied.
 _UNSUPPORTED = (("lora_magnitude_vector", "DoRA"), (".dora_scale", "DoRA"), (".hada_", "LyCORIS LoHa"),
@@ -199,7 +199,7 @@ def _strip_prefixes(key: str) -> tuple[str, bool]:
 
 
 def _split_suffix(key: str) -> tuple[str, str] | None:
-    key = _PEFT_ADAPTER.sub(lambda m: f".lora_{m.group(1)}.weight", key)
+    key = _PEFT_ADAPTER.sub(lambda m: f".lora_{m.group(1)}.{m.group(2)}", key)
     for suffix, role in _SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
