@@ -621,3 +621,47 @@ def test_records_reach_the_sidecar_and_the_manifest(tmp_path, config):
     out = Video(frames=frames, fps=8.0, metadata={"model": {"name": "tiny"}, "loras": records}).save(tmp_path / "v.mp4")
     assert json.loads(sidecar_path(out).read_text())["loras"] == records
     assert cr.read_credentials(out)["generation"]["loras"] == records
+
+
+def distill_like(model: WanModel, seed: int) -> dict[str, torch.Tensor]:
+    """What the lightx2v Wan2.2 distill LoRAs hold: rank-r pairs with alpha on every block
+    Linear, full deltas for biases (diff_b), norms (diff) and modulation (diff_m), the head,
+    plus the Wan2.1 image-projection keys the Wan2.2 models do not have."""
+    gen = torch.Generator().manual_seed(seed)
+    out = comfy(factors(model, BLOCK_LINEARS, seed=seed), RANK)
+    for name, p in model.named_parameters():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith(".bias"):
+            out[f"diffusion_model.{base}.diff_b"] = 0.02 * torch.randn(p.shape, generator=gen)
+        elif "norm" in name:
+            out[f"diffusion_model.{base}.diff"] = 0.02 * torch.randn(p.shape, generator=gen)
+        elif name.endswith("modulation"):
+            out[f"diffusion_model.{base}.diff_m"] = 0.02 * torch.randn(p.shape, generator=gen)
+    out["diffusion_model.head.head.diff"] = 0.02 * torch.randn(model.head.head.weight.shape, generator=gen)
+    for i in range(CFG.num_layers):
+        out[f"diffusion_model.blocks.{i}.cross_attn.k_img.lora_down.weight"] = torch.zeros(RANK, CFG.dim)
+        out[f"diffusion_model.blocks.{i}.cross_attn.k_img.lora_up.weight"] = torch.zeros(CFG.dim, RANK)
+        out[f"diffusion_model.blocks.{i}.cross_attn.norm_k_img.diff"] = torch.zeros(CFG.dim)
+    return out
+
+
+def test_distill_loras_per_expert_on_a_pipeline_with_the_preset(tmp_path):
+    import kinema
+    from kinema.presets import get_preset
+    from kinema.testing.fixtures import make_tiny_model
+
+    pipe = kinema.load(make_tiny_model(tmp_path / "moe", kind="t2v-moe"), device="cpu")
+    high = write(tmp_path, "high_noise_model.safetensors", distill_like(pipe.transformer, 1))
+    low = write(tmp_path, "low_noise_model.safetensors", distill_like(pipe.transformer_2, 2))
+    settings = dict(seed=5, frames=5, **get_preset("lightning-4step").settings())
+    base = pipe.generate("a red circle", **settings).frames
+    mgr = LoraManager([pipe.transformer, pipe.transformer_2])
+    with pytest.warns(LoraWarning, match=r"\d+ of \d+ keys"):
+        report = mgr.apply([LoraSpec(high, target="high"), LoraSpec(low, target="low")])
+    for applied, k in zip(report.loras, (0, 1)):
+        assert len(applied.unmatched) == 3 * CFG.num_layers and not applied.merged[1 - k]
+        assert len(applied.merged[k]) > len(BLOCK_LINEARS)
+    with_loras = pipe.generate("a red circle", **settings).frames
+    assert (with_loras.astype(int) - base.astype(int)).any()
+    mgr.apply([])
+    assert (pipe.generate("a red circle", **settings).frames == base).all()
