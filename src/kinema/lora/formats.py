@@ -167,12 +167,12 @@ class ModelIndex:
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelIndex":
         shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
-        # Linear-like modules whose weight is not a parameter (quantized layers keep packed
-        # buffers): a LoRA still aims at `<module>.weight`, applied as a side branch.
+        # Linear-like layers: the logical [out, in] shape, whatever the stored weight looks like
+        # (a quantized layer keeps a packed tensor or buffers instead of a float weight; a LoRA
+        # still aims at `<layer>.weight` and becomes a side branch).
         for name, mod in model.named_modules():
-            key = f"{name}.weight"
-            if key not in shapes and hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-                shapes[key] = (int(mod.out_features), int(mod.in_features))
+            if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
+                shapes[f"{name}.weight"] = (int(mod.out_features), int(mod.in_features))
         modules = frozenset(k.rsplit(".", 1)[0] for k in shapes if "." in k)
         kohya: dict[str, str] = {}
         for m in modules:
