@@ -227,6 +227,18 @@ def test_full_deltas_diff_diff_b_diff_m(tmp_path):
         assert torch.allclose(params[p], before[p] + 0.5 * tensors[k], atol=1e-7), p
 
 
+def test_kohya_full_deltas(tmp_path):
+    model = tiny()
+    before = snapshot(model)
+    tensors = {"lora_unet_blocks_1_norm3.diff_b": torch.full((CFG.dim,), 0.5),
+               "lora_unet_blocks_0.diff_m": torch.full((1, 6, CFG.dim), 0.25),
+               "lora_unet_blocks_1_modulation.diff": torch.full((1, 6, CFG.dim), 0.125)}
+    LoraManager([model]).apply([write(tmp_path, "k.safetensors", tensors)])
+    assert torch.equal(model.blocks[1].norm3.bias, before["blocks.1.norm3.bias"] + 0.5)
+    assert torch.equal(model.blocks[0].modulation, before["blocks.0.modulation"] + 0.25)
+    assert torch.equal(model.blocks[1].modulation, before["blocks.1.modulation"] + 0.125)
+
+
 def test_conv_lora_on_patch_embedding_and_diffusers_bias(tmp_path):
     model = tiny()
     fac = factors(model, ["patch_embedding", "blocks.0.ffn.0"])

@@ -163,6 +163,7 @@ class ModelIndex:
     shapes: dict[str, tuple[int, ...]]
     modules: frozenset[str]
     kohya: dict[str, str]  # "blocks_0_self_attn_q" (official or diffusers) -> "blocks.0.self_attn.q"
+    # (also parameters: "blocks_0_modulation" -> "blocks.0.modulation")
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelIndex":
@@ -174,7 +175,7 @@ class ModelIndex:
             if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
                 shapes[f"{name}.weight"] = (int(mod.out_features), int(mod.in_features))
         modules = frozenset(k.rsplit(".", 1)[0] for k in shapes if "." in k)
-        kohya: dict[str, str] = {}
+        kohya: dict[str, str] = {k.replace(".", "_"): k for k in shapes}  # a parameter's own delta
         for m in modules:
             kohya[m.replace(".", "_")] = m
             try:
@@ -281,7 +282,8 @@ def match_lora(lora: LoraFile, index: ModelIndex) -> Matched:
         for marker, kind in _UNSUPPORTED:
             if marker in key:
                 raise LoraError(f"{lora.name}: {key} is a {kind} key; only plain LoRA factors and full deltas are supported")
-    groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    groups: dict[str, dict[str, tuple[str, Tensor]]] = {}  # module -> role -> (key, tensor)
+    spelled: dict[str, str] = {}  # module -> its name as the file spells it (PEFT patterns)
     unmatched: list[str] = []
     for key, value in lora.tensors.items():
         stripped, kohya = _strip_prefixes(key)
@@ -298,11 +300,11 @@ def match_lora(lora: LoraFile, index: ModelIndex) -> Matched:
         if role in slot:
             raise LoraError(f"{lora.name}: {key} and {slot[role][0]} both give {role} of {module}")
         slot[role] = (key, value)
-        slot.setdefault("_base", (base, value))  # the module name as the file spells it
+        spelled.setdefault(module, base)
 
     deltas: list[Delta] = []
     for module, slot in groups.items():
-        base = slot.pop("_base")[0]
+        base = spelled[module]
         down, up, alpha = slot.pop("down", None), slot.pop("up", None), slot.pop("alpha", None)
         if (down is None) != (up is None):
             present = down or up
