@@ -470,7 +470,9 @@ def test_unmatched_keys_warn_with_a_count(tmp_path):
 def test_bad_files(tmp_path):
     model = tiny()
     mgr = LoraManager([model])
-    original = snapshot(model)
+    good = write(tmp_path, "good.safetensors", kohya(factors(model, BLOCK_LINEARS, seed=8), RANK))
+    mgr.apply([good])
+    applied = snapshot(model)  # a failing apply leaves this set in place
     pt = tmp_path / "lora.safetensors"
     torch.save({"blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 64)}, pt)
     with pytest.raises(LoraError, match="not a safetensors file"):
@@ -494,7 +496,8 @@ def test_bad_files(tmp_path):
     dora = write(tmp_path, "dora.safetensors", {**comfy(fac, RANK), "diffusion_model.blocks.0.ffn.0.dora_scale": torch.ones(1, 64)})
     with pytest.raises(LoraError, match="DoRA"):
         mgr.apply([dora])
-    assert_same_bits(model, original)  # nothing was half applied
+    assert_same_bits(model, applied)  # nothing was half applied, the good set still is
+    assert mgr.records()[0]["file"] == "good.safetensors"
 
 
 def test_parse_lora_arg():

@@ -1,8 +1,10 @@
 """Putting LoRAs on a model's DiT(s) and taking them off again.
 
 `LoraManager` holds the DiT(s) of one loaded model (one, or the high- and low-noise experts)
-and the set of LoRAs now applied. `apply(loras)` first takes the previous set off, so one loaded
-pipeline can switch LoRAs between requests; asking for the set already applied does nothing.
+and the set of LoRAs now applied. `apply(loras)` reads and checks the new set, then takes the
+previous one off and puts the new one on, so one loaded pipeline can switch LoRAs between
+requests; a set that fails its checks leaves the applied one in place, and asking for the set
+already applied does nothing.
 
 Two ways to apply a low-rank delta:
 
@@ -278,10 +280,9 @@ class LoraManager:
             return self.report
         if self._dirty:
             raise RuntimeError("LoRAs were merged with restorable=False; reload the model to change them")
-        self.restore()
-        if not specs:
-            return self.report
 
+        # Everything that can fail (reading, matching, shapes, where each delta goes) happens
+        # before any weight changes, so a bad set leaves the applied one in place.
         files = [read_lora(s.path) for s in specs]
         indexes = [ModelIndex.of(m) for m in self.models]
         plans: list[list[list[Delta]]] = []  # [lora][expert] -> deltas
@@ -299,70 +300,76 @@ class LoraManager:
             if not any(rows):
                 raise LoraError(f"nothing in LoRA {lora.name} matches this model (keys such as "
                                 f"{', '.join(list(lora.tensors)[:3])})")
-            skipped = tuple(sorted(unmatched or ()))
+            plans.append(rows)
+            applied_unmatched.append(tuple(sorted(unmatched or ())))
+        routes = [self._route(k, plans, strengths, mode) for k in range(len(self.models))]
+
+        for lora, skipped in zip(files, applied_unmatched):
             if skipped:
                 warnings.warn(f"LoRA {lora.name}: {len(skipped)} of {len(lora.tensors)} keys have no place in "
                               f"this model and are skipped (e.g. {skipped[0]})", LoraWarning, stacklevel=2)
-            plans.append(rows)
-            applied_unmatched.append(skipped)
-
-        merged, side = self._apply_plans(plans, strengths, mode)
+        self.restore()
+        for k, (to_merge, branches, _, _) in enumerate(routes):
+            self._merge(k, to_merge)
+            for module_name, terms in branches.items():
+                hook = _SideBranch(terms)
+                self._hooks.append(self.models[k].get_submodule(module_name).register_forward_hook(hook))
         applied = tuple(
             AppliedLora(name=lora.name, sha256=lora.sha256, format=detect_format(lora.tensors), spec=spec,
-                        strengths=st, merged=merged[i], side=side[i], unmatched=applied_unmatched[i])
+                        strengths=st, merged=tuple(r[2][i] for r in routes), side=tuple(r[3][i] for r in routes),
+                        unmatched=applied_unmatched[i])
             for i, (spec, lora, st) in enumerate(zip(specs, files, strengths))
         )
-        self._signature = signature
+        self._signature = signature if specs else None
         self.report = LoraReport(applied, self.originals_bytes())
         return self.report
 
-    def _apply_plans(self, plans: list[list[list[Delta]]], strengths: list[tuple[float | None, ...]],
-                     mode: str) -> tuple[list[tuple[tuple[str, ...], ...]], list[tuple[tuple[str, ...], ...]]]:
-        n = len(plans)
-        merged_names = [[[] for _ in self.models] for _ in range(n)]
-        side_names = [[[] for _ in self.models] for _ in range(n)]
+    def _route(self, k: int, plans: list[list[list[Delta]]], strengths: list[tuple[float | None, ...]], mode: str):
+        """Where each delta of expert k goes: (param -> [(delta, strength)] to merge, module ->
+        side-branch terms, per LoRA the merged names, per LoRA the side-branch names)."""
+        model = self.models[k]
+        params = dict(model.named_parameters())
+        to_merge: dict[str, list[tuple[Delta, float]]] = {}
+        branches: dict[str, list[tuple[Tensor | None, Tensor]]] = {}
+        merged: list[tuple[str, ...]] = []
+        side: list[tuple[str, ...]] = []
+        for i, rows in enumerate(plans):
+            coef = strengths[i][k]
+            m_names: list[str] = []
+            s_names: list[str] = []
+            for delta in rows[k] if coef is not None else ():
+                p = params.get(delta.param)
+                quantized = p is None or not _plain_float(p)
+                if quantized and not delta.param.endswith(".weight"):
+                    raise LoraError(f"cannot apply a LoRA to {delta.param}: it is not a float tensor")
+                if quantized or (mode == "side" and self._hookable(model, delta)):
+                    branches.setdefault(delta.param.rsplit(".", 1)[0], []).append(_side_term(delta, coef))
+                    s_names.append(delta.param)
+                else:
+                    to_merge.setdefault(delta.param, []).append((delta, coef))
+                    m_names.append(delta.param)
+            merged.append(tuple(m_names))
+            side.append(tuple(s_names))
+        return to_merge, branches, merged, side
+
+    def _merge(self, k: int, to_merge: dict[str, list[tuple[Delta, float]]]) -> None:
+        # One parameter at a time, so the float32 temporaries are one weight's worth (not the
+        # whole model's: 56 GB for an A14B expert).
+        params = dict(self.models[k].named_parameters())
         with torch.no_grad():
-            for k, model in enumerate(self.models):
-                params = dict(model.named_parameters())
-                to_merge: dict[str, list[tuple[Delta, float]]] = {}  # param -> its deltas
-                branches: dict[str, list[tuple[Tensor | None, Tensor]]] = {}  # module -> terms
-                for i in range(n):
-                    coef = strengths[i][k]
-                    if coef is None:
-                        continue
-                    for delta in plans[i][k]:
-                        module_name = delta.param.rsplit(".", 1)[0]
-                        p = params.get(delta.param)
-                        if p is None or not _plain_float(p):
-                            if not delta.param.endswith(".weight"):
-                                raise LoraError(f"cannot apply a LoRA to {delta.param}: it is not a float tensor")
-                            branches.setdefault(module_name, []).append(_side_term(delta, coef))
-                            side_names[i][k].append(delta.param)
-                        elif mode == "side" and self._hookable(model, delta):
-                            branches.setdefault(module_name, []).append(_side_term(delta, coef))
-                            side_names[i][k].append(delta.param)
-                        else:
-                            to_merge.setdefault(delta.param, []).append((delta, coef))
-                            merged_names[i][k].append(delta.param)
-                # One parameter at a time, so the float32 temporaries are one weight's worth
-                # (not the whole model's: 56 GB for an A14B expert).
-                for name, terms in to_merge.items():
-                    p = params[name]
-                    shape = tuple(p.shape)
-                    dev = self.compute_device or p.device
-                    d = terms[0][0].tensor(shape, device=dev, strength=terms[0][1])
-                    for delta, coef in terms[1:]:
-                        d += delta.tensor(shape, device=dev, strength=coef)
-                    if self.restorable:
-                        self._originals[k].setdefault(name, p.detach().to("cpu", copy=True))
-                    else:
-                        self._dirty = True
-                    p.data.copy_(d.add_(p.detach().to(dev)))  # float32 sum, one rounding to p's dtype
-                    del d
-                for module_name, terms in branches.items():
-                    self._hooks.append(model.get_submodule(module_name).register_forward_hook(_SideBranch(terms)))
-        as_tuples = lambda rows: [tuple(tuple(x) for x in r) for r in rows]  # noqa: E731
-        return as_tuples(merged_names), as_tuples(side_names)
+            for name, terms in to_merge.items():
+                p = params[name]
+                shape = tuple(p.shape)
+                dev = self.compute_device or p.device
+                d = terms[0][0].tensor(shape, device=dev, strength=terms[0][1])
+                for delta, coef in terms[1:]:
+                    d += delta.tensor(shape, device=dev, strength=coef)
+                if self.restorable:
+                    self._originals[k].setdefault(name, p.detach().to("cpu", copy=True))
+                else:
+                    self._dirty = True
+                p.data.copy_(d.add_(p.detach().to(dev)))  # float32 sum, one rounding to p's dtype
+                del d
 
     @staticmethod
     def _hookable(model: nn.Module, delta: Delta) -> bool:
