@@ -565,7 +565,8 @@ def _diffusers_model(model: WanModel):
     return ref
 
 
-def _diffusers_fused(ref, path: Path, strength: float) -> dict[str, torch.Tensor]:
+def _diffusers_fused(ref, path: Path, strength: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(diffusers' output with the LoRA loaded at `strength`, its fused weights in official names)."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     class Holder(WanLoraLoaderMixin):
@@ -577,9 +578,16 @@ def _diffusers_fused(ref, path: Path, strength: float) -> dict[str, torch.Tensor
 
     holder = Holder(ref)
     holder.load_lora_weights(str(path), adapter_name="x")
+    ref.set_adapters(["x"], weights=[strength])
+    x, t, ctx = inputs()
+    padded = torch.zeros(1, CFG.text_len, CFG.text_dim)  # diffusers takes the zero-padded context
+    padded[0, : ctx[0].shape[0]] = ctx[0]
+    with torch.no_grad():
+        out = ref(x, t, padded, return_dict=False)[0]
+    ref.set_adapters(["x"], weights=[1.0])
     ref.fuse_lora(lora_scale=strength)
     ref.unload_lora()
-    return keymaps.dit_state_to_official(ref.state_dict())
+    return out, keymaps.dit_state_to_official(ref.state_dict())
 
 
 def comfy_with_biases(fac, alpha):
@@ -601,11 +609,15 @@ def test_matches_diffusers_load_lora_weights(fmt, tmp_path):
     ref = _diffusers_model(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        want = _diffusers_fused(ref, path, 0.7)
+        want_out, want = _diffusers_fused(ref, path, 0.7)
     LoraManager([model]).apply([LoraSpec(path, 0.7)])
     got = model.state_dict()
     for k, v in want.items():
         assert torch.allclose(got[k], v, atol=1e-6, rtol=0), k
+    # the unfused adapter's output too (diffusers' float32 sinusoid costs ~1e-5, as in test_dit)
+    out = out_of(model)
+    assert (out - want_out).abs().max() < 1e-4 * max(1.0, want_out.abs().max().item())
+    assert (out - out_of(tiny())).abs().max() > 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
