@@ -510,6 +510,22 @@ def test_parse_lora_arg():
         parse_lora_arg("a.safetensors:1,2,3")
 
 
+def test_resolve_loras_checks_without_reading(tmp_path):
+    from kinema.lora import resolve_loras
+
+    model = tiny()
+    a = write(tmp_path, "a.safetensors", comfy(factors(model, BLOCK_LINEARS), RANK))
+    specs = resolve_loras([f"{a}:0.5", (a, (1.0, 0.25))], lora_high=[str(a)], lora_low=[f"{a}:2"], experts=2)
+    assert specs == (LoraSpec(str(a), 0.5), LoraSpec(a, (1.0, 0.25)), LoraSpec(str(a), 1.0, "high"),
+                     LoraSpec(str(a), 2.0, "low"))
+    assert resolve_loras(None, experts=1) == () and resolve_loras(str(a), experts=1) == (LoraSpec(str(a), 1.0),)
+    with pytest.raises(InputError, match="two-expert"):
+        resolve_loras(lora_high=[str(a)], experts=1)
+    (tmp_path / "x.ckpt").write_bytes(b"PK\x03\x04 not a safetensors file")
+    with pytest.raises(LoraError, match="x.ckpt is not a safetensors file"):
+        resolve_loras([tmp_path / "x.ckpt"], experts=1)
+
+
 def test_record_for_the_sidecar(tmp_path):
     model = tiny()
     path = write(tmp_path, "style.safetensors", comfy(factors(model, BLOCK_LINEARS), RANK))

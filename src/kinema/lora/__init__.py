@@ -8,10 +8,12 @@ the weights or hang it beside them as a side branch, and take it off again (`app
     manager.apply([])  # every weight back, bit-exact
 """
 
-from .apply import AppliedLora, LoraManager, LoraReport, LoraSpec, LoraWarning, as_spec, parse_lora_arg
-from .formats import Delta, LoraFile, ModelIndex, detect_format, match_lora, read_lora
+from .apply import (AppliedLora, LoraManager, LoraReport, LoraSpec, LoraWarning, as_spec, parse_lora_arg,
+                    resolve_loras)
+from .formats import Delta, LoraFile, ModelIndex, check_lora_file, detect_format, match_lora, read_lora
 
 __all__ = [
     "AppliedLora", "Delta", "LoraFile", "LoraManager", "LoraReport", "LoraSpec", "LoraWarning",
-    "ModelIndex", "as_spec", "detect_format", "match_lora", "parse_lora_arg", "read_lora",
+    "ModelIndex", "as_spec", "check_lora_file", "detect_format", "match_lora", "parse_lora_arg", "read_lora",
+    "resolve_loras",
 ]

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, LoraError
 from ..models.dit import keep_fp32
-from .formats import Delta, LoraFile, ModelIndex, detect_format, match_lora, read_lora
+from .formats import Delta, ModelIndex, check_lora_file, detect_format, match_lora, read_lora
 
 TARGETS = ("both", "high", "low")
 MODES = ("merge", "side")
@@ -133,6 +133,26 @@ def as_spec(item: LoraSpec | str | Path | tuple) -> LoraSpec:
     if isinstance(item, tuple) and 1 <= len(item) <= 3:
         return LoraSpec(*item)
     raise InputError(f"a LoRA is a path, 'FILE:STRENGTH' or a LoraSpec, got {item!r}")
+
+
+def resolve_loras(loras: Sequence[Any] | None = None, lora_high: Sequence[Any] | None = None,
+                  lora_low: Sequence[Any] | None = None, *, experts: int) -> tuple[LoraSpec, ...]:
+    """The request's LoRAs as specs, checked without reading the weights: each file exists and
+    is safetensors, strengths are numbers, per-expert ones only for `experts` == 2. `loras`
+    items: a LoraSpec, a path, "FILE[:STRENGTH|:HIGH,LOW]" or (path, strength[, target]);
+    `lora_high` / `lora_low`: the same aimed at one expert (the CLI's --lora-high / --lora-low)."""
+    specs: list[LoraSpec] = []
+    for items, target in ((loras, None), (lora_high, "high"), (lora_low, "low")):
+        if isinstance(items, (str, Path, LoraSpec)):
+            items = [items]
+        for item in items or ():
+            spec = as_spec(item) if target is None or not isinstance(item, str) else parse_lora_arg(item, target)
+            if target is not None and spec.target != target:
+                spec = LoraSpec(spec.path, spec.strength, target)
+            spec.strengths(experts)
+            check_lora_file(spec.path)
+            specs.append(spec)
+    return tuple(specs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,4 +419,5 @@ def _file_id(path: str | Path) -> tuple:
     return (str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
-__all__ = ["AppliedLora", "LoraManager", "LoraReport", "LoraSpec", "LoraWarning", "as_spec", "parse_lora_arg"]
+__all__ = ["AppliedLora", "LoraManager", "LoraReport", "LoraSpec", "LoraWarning", "as_spec", "parse_lora_arg",
+           "resolve_loras"]

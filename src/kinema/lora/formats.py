@@ -127,11 +127,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a LoRA from a `.safetensors` file; anything else is refused (a pickled .pt/.ckpt
-    can run code when loaded). LoraError with a one-line message for a missing or bad file."""
-    from safetensors import SafetensorError, safe_open
-
+def check_lora_file(path: str | Path) -> Path:
+    """LoraError unless `path` is an existing file that starts like a safetensors file (reads
+    9 bytes: cheap enough for request validation)."""
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file {path} does not exist")
@@ -140,6 +138,15 @@ def read_lora(path: str | Path) -> LoraFile:
     # safetensors: an 8-byte little-endian header length, then the JSON header ("{...").
     if len(head) < 9 or head[8:9] != b"{":
         raise LoraError(f"LoRA file {path.name} is not a safetensors file (only .safetensors LoRAs are read)")
+    return path
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA from a `.safetensors` file; anything else is refused (a pickled .pt/.ckpt
+    can run code when loaded). LoraError with a one-line message for a missing or bad file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = check_lora_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
