@@ -708,3 +708,35 @@ def test_distill_loras_per_expert_on_a_pipeline_with_the_preset(tmp_path):
     assert (with_loras.astype(int) - base.astype(int)).any()
     mgr.apply([])
     assert (pipe.generate("a red circle", **settings).frames == base).all()
+
+
+def test_a_lora_saved_by_diffusers_itself(tmp_path):
+    """A PEFT adapter (alpha 8 over rank 4, one module at alpha 2) trained on diffusers' model
+    and written by diffusers' own save_lora_weights (keys + lora_adapter_metadata)."""
+    model = tiny()
+    ref = _diffusers_model(model)
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=RANK, lora_alpha=8, alpha_pattern={"blocks.1.attn2.to_v": 2},
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"])
+    ref.add_adapter(config, adapter_name="default")
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    WanLoraLoaderMixin.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                         transformer_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    x, t, ctx = inputs()
+    padded = torch.zeros(1, CFG.text_len, CFG.text_dim)
+    padded[0, : ctx[0].shape[0]] = ctx[0]
+    with torch.no_grad():
+        want = ref(x, t, padded, return_dict=False)[0]
+    report = LoraManager([model]).apply([path])
+    assert report.loras[0].matched == len(BLOCK_LINEARS) and report.loras[0].format == "peft (diffusers names)"
+    got = out_of(model)
+    assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - out_of(tiny())).abs().max() > 1e-2

@@ -20,7 +20,8 @@ diffusers              any of the above with diffusers module names (``blocks.0.
 Scaling, as each format defines it: a low-rank pair adds ``scale · up @ down`` with
 ``scale = alpha / rank`` when the file stores an ``.alpha`` for the module (kohya, ComfyUI and
 diffusers' converter all read it so); otherwise the PEFT ``lora_adapter_metadata`` that diffusers
-writes into the safetensors header (``lora_alpha / r``, its ``alpha_pattern`` / ``rank_pattern``,
+writes into the safetensors header (fields under ``transformer.``: ``lora_alpha / r``, its
+``alpha_pattern`` / ``rank_pattern``,
 ``lora_alpha / sqrt(r)`` with ``use_rslora``); otherwise 1 (what diffusers assumes for a file
 with neither). lightx2v's and Wan2.2-Lightning's own merge scripts ignore ``.alpha`` (scale 1);
 both readings agree for files whose alpha equals their rank. Full deltas are added as they are.
@@ -238,8 +239,12 @@ def _peft_scale(metadata: Mapping[str, str], module: str, rank: int) -> float:
         cfg = json.loads(raw)
     except ValueError:
         return 1.0
-    if not isinstance(cfg, dict) or "lora_alpha" not in cfg:
+    if not isinstance(cfg, dict):
         return 1.0
+    if "lora_alpha" not in cfg:  # diffusers prefixes each field with the component's name
+        cfg = {k.split(".", 1)[1]: v for k, v in cfg.items() if k.startswith("transformer.")}
+        if "lora_alpha" not in cfg:
+            return 1.0
 
     def pattern(table: Any, default: Any) -> Any:
         for pat, value in (table or {}).items():
