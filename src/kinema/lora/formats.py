@@ -21,9 +21,8 @@ Scaling, as each format defines it: a low-rank pair adds ``scale · up @ down`` 
 ``scale = alpha / rank`` when the file stores an ``.alpha`` for the module (kohya, ComfyUI and
 diffusers' converter all read it so); otherwise the PEFT ``lora_adapter_metadata`` that diffusers
 writes into the safetensors header (fields under ``transformer.``: ``lora_alpha / r``, its
-``alpha_pattern`` / ``rank_pattern``,
-``lora_alpha / sqrt(r)`` with ``use_rslora``); otherwise 1 (what diffusers assumes for a file
-with neither). lightx2v's and Wan2.2-Lightning's own merge scripts ignore ``.alpha`` (scale 1);
+``alpha_pattern`` / ``rank_pattern``, ``lora_alpha / sqrt(r)`` with ``use_rslora``); otherwise 1
+(what diffusers assumes for a file with neither). lightx2v's and Wan2.2-Lightning's own merge scripts ignore ``.alpha`` (scale 1);
 both readings agree for files whose alpha equals their rank. Full deltas are added as they are.
 The user's strength multiplies both.
 """
