@@ -34,7 +34,7 @@ def main() -> None:
                         help="latent frames per sample (--part dit; default: the recipe's clips, 1 = images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from kinema.train.recipe import native_bf16
+    from kinema.train.run import native_bf16
 
     print(f"cpu: {torch.backends.cpu.get_cpu_capability()}, bf16 in hardware (AVX512-BF16 or AMX): {native_bf16()}")
     step, model = dit_step(args) if args.part == "dit" else decoder_step(args)

@@ -38,7 +38,7 @@ def load_vae(path: Path):
 
 
 def main() -> None:
-    from kinema.evaluate import vae_round_trip
+    from kinema.train.evaluate import vae_round_trip
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path", type=Path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.evaluate import analyse_video, classify_colour
+from kinema.train.evaluate import analyse_video, classify_colour
 from kinema.pipeline import BUILTIN_DIR
 from kinema.train.data import COLOURS, HELD_OUT, make_clip, render_clip, sample_spec
 
@@ -23,7 +23,7 @@ def test_scorer_is_right_on_ground_truth_clips():
 
 
 def test_template_reading_tolerates_soft_corners():
-    from kinema.evaluate import template_ious
+    from kinema.train.evaluate import template_ious
     from kinema.train.data import shape_coverage
 
     g = np.arange(128) + 0.5
@@ -75,7 +75,7 @@ def test_builtin_text_to_video_follows_the_prompt(pipe, combo):
 
 
 def test_vae_round_trip_scores_the_builtin_vae(pipe):
-    from kinema.evaluate import vae_round_trip
+    from kinema.train.evaluate import vae_round_trip
 
     combos = [("red", "square", "up"), ("blue", "triangle", "left")]
     report = vae_round_trip(pipe.vae, repeats=1, combos=combos)
@@ -111,7 +111,7 @@ def test_builtin_truncates_prompts_longer_than_its_text_length():
 
 
 def test_eval_scores_text_and_image_to_video(tmp_path):
-    from kinema.evaluate import first_frame, run_eval
+    from kinema.train.evaluate import first_frame, run_eval
 
     combo = HELD_OUT[0]
     frame = first_frame(combo, 0)

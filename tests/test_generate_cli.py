@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kinema.cli import main
-from kinema.conditioning import best_output_size, i2v_latent_size
+from kinema.tasks import best_output_size, i2v_latent_size
 from kinema.video_io import read_video
 
 FRAMES, STEPS = 5, 2
@@ -80,9 +80,12 @@ def test_text_to_video(capsys, models, tmp_path, kind, layout, size):
     assert "step 2/2" in stderr and "step/s" in stderr  # the progress bar
     side = json.loads(out.with_suffix(".json").read_text())
     expected = {"prompt": "a red fox in the snow", "size": [w, h], "frames": FRAMES, "steps": STEPS,
-                "sampler": "unipc", "seed": 5, "fps": TINY_FPS, "task": "text-to-video"}
-    assert {k: side[k] for k in expected} == expected
-    for key in ("model", "negative_prompt", "shift", "guidance", "kinema_version"):
+                "sampler": "unipc", "seed": 5}
+    assert {k: side["settings"][k] for k in expected} == expected
+    assert (side["size"], side["frames"], side["fps"], side["task"]) == ([w, h], FRAMES, TINY_FPS, "text-to-video")
+    for key in ("negative_prompt", "shift", "guidance"):
+        assert side["settings"][key] not in (None, "")
+    for key in ("model", "kinema_version"):
         assert side[key] not in (None, "")
     assert side["model"]["layout"] == layout
     assert files_in(tmp_path) == {"clip.mp4", "clip.json"}  # no temporary files left
@@ -125,7 +128,7 @@ def test_seed_reproduces_and_layouts_agree(capsys, models, tmp_path, monkeypatch
     assert np.array_equal(written["ddpm.mp4"], run("ddpm2.mp4", 11, sampler="ddpm"))
     assert not np.array_equal(written["ddpm.mp4"], run("ddpm3.mp4", 12, sampler="ddpm"))
     sidecar = json.loads((tmp_path / "ddpm.json").read_text())
-    assert sidecar["sampler"] == "ddpm" and "step_noise_generator" in sidecar["step_noise"]
+    assert sidecar["settings"]["sampler"] == "ddpm" and "step_noise_generator" in sidecar["step_noise"]
     assert json.loads((tmp_path / "a.json").read_text())["step_noise"] is None
 
 
@@ -157,7 +160,7 @@ def test_guidance_pair_for_two_experts(capsys, models, tmp_path):
                             "--steps", "2", "--guidance", "2.5,1", "--seed", "0", "-o", str(out))
     assert code == 0, err
     side = json.loads(out.with_suffix(".json").read_text())
-    assert side["guidance"] == [2.5, 1.0] and side["boundary"] == pytest.approx(0.875)
+    assert side["settings"]["guidance"] == [2.5, 1.0] and side["boundary"] == pytest.approx(0.875)
 
 
 def test_default_output_name(capsys, models, tmp_path, monkeypatch):
@@ -192,7 +195,7 @@ BAD = {
     "image missing": (["--image", "{tmp}/nope.png"], "image not found"),
     "image unreadable": (["--image", "{tmp}/broken.png"], "cannot read image"),
     "image to a text-only model": (["--image", "{img}", "--model", "{t2v}"], "text-to-video only"),
-    "image first on a two-expert model": (["--image-first", "--model", "{t2v}"], "image_first needs a TI2V model"),
+    "image first on a two-expert model": (["--image-first", "--model", "{t2v}"], "--image-first needs a TI2V model"),
     "no image for an image model": (["--model", "{i2v}"], "--image"),
     "model folder missing": (["--model", "{tmp}/no-such-model"], "does not exist"),
     "model folder incomplete": (["--model", "{incomplete}"], "missing VAE"),
@@ -290,7 +293,7 @@ def test_image_first_flag_is_recorded_and_reproduces(capsys, models, tmp_path, m
     assert code == 0, err
     assert "2 passes" in err
     side = json.loads((tmp_path / "two.json").read_text())
-    assert side["task"] == "text-to-video (image first)" and side["image_first_scale"] == 2
+    assert side["task"] == "text-to-video (image first)" and side["settings"]["image_first_scale"] == 2
     args = shlex.split(side["command"])
     # neither is the tiny model's default, so the command must say both
     assert "--image-first" in args and args[args.index("--image-first-scale") + 1] == "2"

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 import kinema
-from kinema import conditioning as cnd
 from kinema import pipeline as pl
+from kinema import placement
+from kinema import tasks as cnd
+from kinema.request import Request
+from kinema.validate import resolve
+from kinema.video import sidecar_path
 from kinema.config import PRESETS
 from kinema.errors import InputError, KinemaError
 from kinema.sampling import unipc_schedule
@@ -123,9 +127,9 @@ def test_load_image_errors(tmp_path):
 
 
 def test_plan_task_geometry_full_size_models():
-    t2v = pl.plan_task(PRESETS["t2v-A14B"], (1280, 720), 81)
+    t2v = cnd.plan_task(PRESETS["t2v-A14B"], (1280, 720), 81)
     assert t2v.latent_shape == (16, 21, 90, 160) and t2v.seq_len == 75600 and t2v.token_mask is None
-    ti2v = pl.plan_task(PRESETS["ti2v-5B"], (1280, 704), 121)
+    ti2v = cnd.plan_task(PRESETS["ti2v-5B"], (1280, 704), 121)
     assert ti2v.latent_shape == (48, 31, 44, 80) and ti2v.seq_len == 27280
     assert ti2v.token_mask is not None and torch.all(ti2v.token_mask == 1)
 
@@ -133,8 +137,12 @@ def test_plan_task_geometry_full_size_models():
 # ------------------------------------------------------------------------------ validation
 
 
+def resolve_settings(spec, prompt, image=None, **kw):
+    return resolve(spec, Request.from_options(prompt, image, **kw))
+
+
 def _settings(name="ti2v-5B", **kw):
-    return pl.resolve_settings(PRESETS[name], "a cat", **kw)
+    return resolve_settings(PRESETS[name], "a cat", **kw)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -175,7 +183,7 @@ def test_settings_task_and_image_checks(tmp_path):
     Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(img)
     with pytest.raises(InputError, match="text-to-video only"):
         _settings("t2v-A14B", image=img)
-    with pytest.raises(InputError, match="--image"):
+    with pytest.raises(InputError, match="image="):
         _settings("i2v-A14B")
     s = _settings("i2v-A14B", image=img, size=(832, 480))
     assert s.plan.image_mode == "concat" and s.image_info["sha256"]
@@ -201,15 +209,15 @@ class FakeDiT(nn.Module):
 
 
 def _cond(shape=(4, 3, 2, 2), **kw):
-    plan = pl.TaskPlan(size=(32, 32), frames=9, latent_shape=shape, seq_len=shape[1] * shape[2] * shape[3] // 4,
+    plan = cnd.TaskPlan(size=(32, 32), frames=9, latent_shape=shape, seq_len=shape[1] * shape[2] * shape[3] // 4,
                        token_mask=kw.pop("token_mask", None))
-    return pl.Conditioning(plan, **kw)
+    return cnd.Conditioning(plan, **kw)
 
 
 def test_moe_expert_choice_guidance_order_and_shared_expert():
     calls: list = []
     high, low = FakeDiT(0, calls), FakeDiT(1, calls)
-    experts = pl.Experts([high, low], (3.0, 4.0), 0.875, torch.device("cpu"))
+    experts = placement.Experts([high, low], (3.0, 4.0), 0.875, torch.device("cpu"))
     assert experts.scales == [4.0, 3.0]  # expert 0 = high noise gets guidance[1]
     sched = unipc_schedule(8, 12.0)
     trace: list = []
@@ -229,7 +237,7 @@ def test_moe_expert_choice_guidance_order_and_shared_expert():
 
 def test_guidance_one_skips_unconditional_pass():
     calls: list = []
-    experts = pl.Experts([FakeDiT(0, calls)], 1.0, None, torch.device("cpu"))
+    experts = placement.Experts([FakeDiT(0, calls)], 1.0, None, torch.device("cpu"))
     trace: list = []
     pl.denoise_video(experts, torch.randn(4, 3, 2, 2), torch.ones(2, 8), None, _cond(), unipc_schedule(3, 5.0),
                      "euler", trace=trace.append)
@@ -257,7 +265,7 @@ def test_batched_guidance_passes_equal_two_calls(first_frame):
     for batched in (False, True):
         trace: list = []
         batches.clear()
-        out = pl.denoise_video(pl.Experts([dit], 4.0, None, torch.device("cpu")), torch.randn(4, 3, 4, 4,
+        out = pl.denoise_video(placement.Experts([dit], 4.0, None, torch.device("cpu")), torch.randn(4, 3, 4, 4,
                                generator=torch.Generator().manual_seed(1)), ctx, ctx_null,
                                _cond((4, 3, 4, 4), **kw), unipc_schedule(3, 5.0), "unipc",
                                trace=trace.append, batch_cfg=batched)
@@ -274,7 +282,7 @@ def test_batched_guidance_passes_equal_two_calls(first_frame):
 
 def test_first_frame_reset_before_and_after_every_step():
     calls: list = []
-    experts = pl.Experts([FakeDiT(0, calls, scale=0.7)], 2.0, None, torch.device("cpu"))
+    experts = placement.Experts([FakeDiT(0, calls, scale=0.7)], 2.0, None, torch.device("cpu"))
     z = torch.randn(4, 1, 2, 2)
     mask = cnd.token_timestep_mask(3, 2, 2, (1, 2, 2), first_frame_known=True)
     trace, steps = [], []
@@ -300,10 +308,10 @@ def test_two_experts_never_share_the_device(monkeypatch):
             log.append(dict(where))
             return self
 
-    monkeypatch.setattr(pl, "_module_device", lambda m: torch.device(where.get(m.ident, "cpu")))
+    monkeypatch.setattr(placement, "module_device", lambda m: torch.device(where.get(m.ident, "cpu")))
     calls: list = []
     high, low = Placed(0, calls), Placed(1, calls)
-    experts = pl.Experts([high, low], 2.0, 0.875, torch.device("cuda"), offload=True)
+    experts = placement.Experts([high, low], 2.0, 0.875, torch.device("cuda"), offload=True)
     for t in (999, 900, 800, 700, 990):
         assert experts.activate(experts.pick(t)) is (high if t >= 875 else low)
     experts.release()
@@ -337,7 +345,7 @@ def test_api_same_seed_same_video_and_no_leak(ti2v_pipe):
     assert a.frames.dtype == np.uint8 and a.frames.shape == (5, 64, 64, 3)
     assert np.array_equal(a.frames, a2.frames)
     assert not np.array_equal(a.frames, b.frames)
-    assert a.fps == ti2v_pipe.spec.defaults.fps and a.metadata["seed"] == 7
+    assert a.fps == ti2v_pipe.spec.defaults.fps and a.metadata["settings"]["seed"] == 7
 
 
 def test_api_batches_the_guidance_passes_of_short_sequences(ti2v_pipe, monkeypatch):
@@ -368,11 +376,12 @@ def test_api_image_to_video_and_save(ti2v_pipe, tmp_path):
 
     frames, fps = read_video(out)
     assert frames.shape == video.frames.shape and math.isclose(fps, video.fps)
-    side = json.loads(pl.sidecar_path(out).read_text())
-    for key in ("model", "prompt", "negative_prompt", "size", "frames", "steps", "sampler", "shift",
-                "guidance", "seed", "kinema_version", "image", "fps"):
+    side = json.loads(sidecar_path(out).read_text())
+    for key in ("model", "size", "frames", "kinema_version", "image", "fps", "settings", "command"):
         assert key in side
-    assert side["seed"] == 1 and side["kinema_version"] == kinema.__version__
+    for key in ("prompt", "negative_prompt", "size", "frames", "steps", "sampler", "shift", "guidance", "seed"):
+        assert key in side["settings"]
+    assert side["settings"]["seed"] == 1 and side["kinema_version"] == kinema.__version__
     assert side["image"]["width"] == 70
 
 
@@ -388,7 +397,7 @@ def test_image_first_is_text_to_image_then_image_to_video(ti2v_pipe):
     kw = dict(steps=2, size=(64, 64), seed=3)
     seen = []
     two = ti2v_pipe.generate("a red fox", frames=9, image_first=True, callback=seen.append, **kw)
-    assert [s.step for s in seen] == [1, 2, 1, 2]  # two passes of the same loop
+    assert [(s.step, s.pass_index) for s in seen] == [(1, 1), (2, 1), (3, 2), (4, 2)]  # two passes of the same loop
     assert two.metadata["task"] == "text-to-video (image first)"
     assert "--image-first" in two.metadata["command"]  # not the tiny model's default
     # pass 1 is exactly the one-frame video of this seed (the causal VAE decodes frame 0 alone)
@@ -423,7 +432,7 @@ def test_ddpm_image_first_pass_is_the_one_frame_video(ti2v_pipe):
 
 
 def test_stochastic_sampler_needs_a_generator():
-    experts = pl.Experts([FakeDiT(0, [])], 1.0, None, torch.device("cpu"))
+    experts = placement.Experts([FakeDiT(0, [])], 1.0, None, torch.device("cpu"))
     with pytest.raises(ValueError, match="Generator"):
         pl.denoise_video(experts, torch.randn(4, 3, 2, 2), torch.ones(2, 8), None, _cond(), unipc_schedule(3, 5.0),
                          "ddpm")
@@ -439,11 +448,11 @@ def test_image_first_scale_draws_the_first_frame_larger_then_shrinks_it(ti2v_pip
     assert seen[0].plan.latent_shape[2:] == tuple(2 * n for n in s.plan.latent_shape[2:])
     still = ti2v_pipe.generate("a red fox", frames=1, size=(128, 128), **kw)
     # ... and pass 2 starts from that frame, shrunk to 64x64 and encoded
-    torch.testing.assert_close(seen[1].first_frame, pl.encode_keyframe(ti2v_pipe.vae, still.frames[0], (64, 64), "cpu"))
-    assert video.metadata["image_first_scale"] == 2
+    torch.testing.assert_close(seen[1].first_frame, cnd.encode_keyframe(ti2v_pipe.vae, still.frames[0], (64, 64), "cpu"))
+    assert video.metadata["settings"]["image_first_scale"] == 2
     assert "--image-first-scale 2" in video.metadata["command"]  # not the tiny model's default
     one = ti2v_pipe.generate("a red fox", frames=9, size=(64, 64), image_first=True, **kw)
-    assert one.metadata["image_first_scale"] == 1 and "--image-first-scale" not in one.metadata["command"]
+    assert one.metadata["settings"]["image_first_scale"] == 1 and "--image-first-scale" not in one.metadata["command"]
 
 
 def test_encode_keyframe_averages_blocks(ti2v_pipe):
@@ -451,24 +460,24 @@ def test_encode_keyframe_averages_blocks(ti2v_pipe):
     small = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
     big = np.repeat(np.repeat(small, 3, axis=0), 3, axis=1)  # each pixel a 3x3 block
     direct = ti2v_pipe.vae.encode(torch.from_numpy(small).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1)[0]
-    torch.testing.assert_close(pl.encode_keyframe(ti2v_pipe.vae, big, (48, 32), "cpu"), direct,
+    torch.testing.assert_close(cnd.encode_keyframe(ti2v_pipe.vae, big, (48, 32), "cpu"), direct,
                                rtol=1e-4, atol=1e-4)
 
 
 def test_image_first_settings():
     ti2v, t2v = PRESETS["ti2v-5B"], PRESETS["t2v-A14B"]
-    assert not pl.resolve_settings(ti2v, "x", frames=81).image_first  # the official default
-    assert pl.resolve_settings(ti2v, "x", frames=81, image_first=True).image_first
-    assert not pl.resolve_settings(ti2v, "x", frames=1, image_first=True).image_first  # one frame: one pass
-    with pytest.raises(InputError, match="image_first needs a TI2V model"):
-        pl.resolve_settings(t2v, "x", image_first=True)
+    assert not resolve_settings(ti2v, "x", frames=81).image_first  # the official default
+    assert resolve_settings(ti2v, "x", frames=81, image_first=True).image_first
+    assert not resolve_settings(ti2v, "x", frames=1, image_first=True).image_first  # one frame: one pass
+    with pytest.raises(InputError, match="image_first= needs a TI2V model"):
+        resolve_settings(t2v, "x", image_first=True)
     with pytest.raises(InputError, match="true or false"):
-        pl.resolve_settings(ti2v, "x", image_first="yes")
-    assert pl.resolve_settings(ti2v, "x", image_first=True).image_first_scale == 1  # the model's default
-    assert pl.resolve_settings(ti2v, "x", image_first=True, image_first_scale=2).image_first_scale == 2
+        resolve_settings(ti2v, "x", image_first="yes")
+    assert resolve_settings(ti2v, "x", image_first=True).image_first_scale == 1  # the model's default
+    assert resolve_settings(ti2v, "x", image_first=True, image_first_scale=2).image_first_scale == 2
     for bad in (0, 9, "2", 1.5):
         with pytest.raises(InputError, match="image_first_scale"):
-            pl.resolve_settings(ti2v, "x", image_first=True, image_first_scale=bad)
+            resolve_settings(ti2v, "x", image_first=True, image_first_scale=bad)
 
 
 def test_load_builtin_missing(monkeypatch, tmp_path):
@@ -478,14 +487,14 @@ def test_load_builtin_missing(monkeypatch, tmp_path):
 
 
 def test_resolve_device_and_dtype():
-    assert pl.resolve_device("cpu").type == "cpu"
-    assert pl.resolve_dtype(None, torch.device("cpu")) == torch.float32
-    assert pl.resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
-    assert pl.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert placement.resolve_device("cpu").type == "cpu"
+    assert placement.resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert placement.resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert placement.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(InputError):
-        pl.resolve_dtype("int8", torch.device("cpu"))
+        placement.resolve_dtype("int8", torch.device("cpu"))
     with pytest.raises(InputError):
-        pl.resolve_device("tpu")
+        placement.resolve_device("tpu")
 
 
 def test_bf16_weights_track_fp32(ti2v_pipe):
@@ -496,4 +505,4 @@ def test_bf16_weights_track_fp32(ti2v_pipe):
     kw = dict(frames=5, steps=3, size=(64, 64), seed=4)
     a = ti2v_pipe.generate("a red fox", **kw).frames.astype(np.int16)
     b = p16.generate("a red fox", **kw)
-    assert np.abs(a - b.frames).mean() < 3 and b.metadata["dtype"] == "bfloat16"
+    assert np.abs(a - b.frames).mean() < 3 and b.metadata["settings"]["dtype"] == "bfloat16"

@@ -14,7 +14,7 @@ from kinema.config import T5Config
 from kinema.errors import CheckpointError
 from kinema.models.t5 import TextEncoder, T5Encoder, relative_position_bucket
 from kinema.testing.golden import run_case
-from kinema.testing.tiny_tokenizer import make_tiny_tokenizer
+from kinema.train.tiny_tokenizer import make_tiny_tokenizer
 from kinema.tokenizer import UMT5Tokenizer
 
 TINY = T5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=48, num_heads=4, num_layers=2, text_len=64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kinema.errors import ModelFolderError
-from kinema.testing.tiny_tokenizer import make_tiny_tokenizer
+from kinema.train.tiny_tokenizer import make_tiny_tokenizer
 from kinema.tokenizer import UMT5Tokenizer, clean
 
 PROMPTS = [

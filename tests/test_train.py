@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kinema.config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfig
-from kinema.evaluate import analyse_video
+from kinema.train.evaluate import analyse_video
 from kinema.models.dit import WanModel
 from kinema.models.vae import WanVAE
 from kinema.train.data import (
@@ -422,7 +422,8 @@ def test_adapt_loss_uses_the_regenerated_latents_at_their_share():
 
 def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     from kinema.pipeline import load
-    from kinema.train.recipe import run_recipe, tiny_recipe
+    from kinema.train.recipe import tiny_recipe
+    from kinema.train.run import run_recipe
 
     out = run_recipe(tmp_path / "work", tiny_recipe(), progress=False, threads=None)
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "Wan2.2_VAE.pth",
@@ -464,7 +465,7 @@ def test_tiny_recipe_exports_a_loadable_model(tmp_path):
     assert big["specs"] == shapes["specs"] and torch.equal(big["valid"], shapes["valid"])
     assert big["latents"].shape[-2:] == tuple(2 * n for n in shapes["latents"].shape[-2:])
     assert json.loads((out / "kinema.json").read_text())["defaults"]["image_first_scale"] == 2
-    assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["image_first_scale"] == 2
+    assert pipe.spec.defaults.image_first_scale == 2 and video.metadata["settings"]["image_first_scale"] == 2
     # the aligned cycle: its own latent set (one size, frame 0 on the 8-px grid, wide squares)
     assert "[dit7] step 2/2" in text and "8 clips from latents_r31-31_t0.7_g8_s1.pt" in text.split("[dit7]")[0]
     aligned = torch.load(tmp_path / "work" / "latents_r31-31_t0.7_g8_s1.pt", weights_only=True)
@@ -518,10 +519,11 @@ def _bf16_flags(value) -> list[bool]:
 def test_precision_turns_bf16_cycles_off_where_the_cpu_would_emulate_them(monkeypatch):
     from dataclasses import asdict
 
-    import kinema.train.recipe as rc
+    import kinema.train.recipe as recipes
+    import kinema.train.run as rc
     from kinema.errors import InputError
 
-    recipe = rc.Recipe()
+    recipe = recipes.Recipe()
     flags = _bf16_flags(asdict(recipe))
     assert any(flags) and not all(flags)  # the shipped recipe mixes float32 and bf16 cycles
     fp32 = rc.with_precision(recipe, "fp32")

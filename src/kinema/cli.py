@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .request import Request
 
 app = typer.Typer(
     name="kinema",
@@ -29,45 +32,13 @@ def info(
     run_info(model, json_out=json_out)
 
 
-@app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="What the video should show."),
-    image: Optional[Path] = typer.Option(
-        None, "--image", help="First frame for image-to-video (TI2V and I2V models)."),
+    request: "Request",
     model: Optional[Path] = typer.Option(
         None, "--model", help="Model folder, official or diffusers layout (default: the built-in model)."),
-    size: Optional[str] = typer.Option(
-        None, "--size", help="WIDTHxHEIGHT (default: the model's). With --image: the pixel area; "
-        "the aspect ratio follows the image."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1 (default: the model's)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
-    guidance: Optional[str] = typer.Option(
-        None, "--guidance", help="Classifier-free guidance scale; 1 skips the negative pass. Two-expert models "
-        "also take LOW,HIGH (low-noise, high-noise expert) (default: the model's)."),
-    shift: Optional[float] = typer.Option(None, "--shift", help="Noise schedule shift (default: the model's)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="unipc, dpm++, euler or ddpm (stochastic: fresh noise "
-                                           "each step, from the seed) (default: the model's)."),
-    image_first: Optional[bool] = typer.Option(
-        None, "--image-first/--joint", help="TI2V text-to-video: make the first frame from the text, then "
-        "animate it (two passes), or all frames at once (default: the model's; the built-in model: image first)."),
-    image_first_scale: Optional[int] = typer.Option(
-        None, "--image-first-scale", help="Image first: draw the first frame this many times larger, then "
-        "shrink it to the video size (default: the model's; 1 for the built-in model)."),
-    negative_prompt: Optional[str] = typer.Option(
-        None, "--negative-prompt", help="What to steer away from (default: the model's negative prompt)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same video "
-                                       "(default: random, recorded in the sidecar)."),
-    output: Optional[Path] = typer.Option(
-        None, "-o", "--output", help="Output .mp4 path (default: kinema_<prompt>_<seed>.mp4 here). "
-        "A JSON sidecar with the settings is written next to it (same name, .json)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)."),
-    no_watermark: bool = typer.Option(
-        False, "--no-watermark", help="Do not embed the invisible watermark in the frames."),
-    no_sign: bool = typer.Option(
-        False, "--no-sign", help="Do not attach signed C2PA Content Credentials to the MP4."),
-    include_prompt: bool = typer.Option(
-        False, "--include-prompt", help="Write the prompt into the signed Content Credentials."),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts-file", help="Instead of PROMPT: one prompt a line, one video each (the model loads "
+        "once; with -o OUT.mp4 they are OUT_1.mp4, OUT_2.mp4, ...)."),
 ) -> None:
     """Generate a video from a prompt (and optionally a first-frame image).
 
@@ -75,7 +46,18 @@ def generate(
     """
     from .generate_cmd import run_generate
 
-    run_generate(**locals())
+    run_generate(request, model=model, prompts_file=prompts_file)
+
+
+def _register_generate() -> None:
+    # The flags are the fields of kinema.Request (generate_cmd.request_parameters); building
+    # them needs typer only, not torch, so `kinema --help` stays fast.
+    from .generate_cmd import with_request_parameters
+
+    app.command("generate")(with_request_parameters(generate))
+
+
+_register_generate()
 
 
 @app.command()
@@ -88,9 +70,10 @@ def train(
     precision: str = typer.Option("auto", "--precision", help="auto, bf16 or fp32: autocast of the recipe's bf16 cycles (auto: bf16 only on CPUs with AVX512-BF16 or AMX)."),
 ) -> None:
     """Train the built-in small model from nothing (procedural data) and export it."""
-    from .train.recipe import STEPS, Recipe, run_recipe, tiny_recipe
+    from .train.recipe import Recipe, tiny_recipe
+    from .train.run import STEPS, run_recipe
 
-    chosen = tuple(s.strip() for s in steps.split(",")) if steps else STEPS
+    chosen = tuple(s.strip() for s in steps.split(",")) if steps else tuple(STEPS)
     run_recipe(work, tiny_recipe() if tiny else Recipe(), chosen, out=out, threads=threads,
                precision=precision)
 
@@ -107,7 +90,7 @@ def evaluate(
     cli_runs: int = typer.Option(3, "--cli-runs", help="Timed `kinema generate` processes (0: none)."),
 ) -> None:
     """Score colour/shape/direction accuracy on the held-out prompts of the built-in model."""
-    from .evaluate import run_eval
+    from .train.evaluate import run_eval
 
     run_eval(model, seeds=seeds, out=out, videos=videos, steps=steps, guidance=guidance, i2v=i2v,
              cli_runs=cli_runs)
@@ -143,6 +126,11 @@ def verify(
     run_verify(file, json_out=json_out, trust=trust)
 
 
+# typer >= 0.22 bundles its own click, whose exceptions are not `click.ClickException`; the base
+# class of typer's own BadParameter is the right one for either kind of typer.
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     import os
@@ -152,23 +140,24 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import KinemaError
 
+    from .generate_cmd import to_flags
+
     try:
         app(args=argv, standalone_mode=False)
     except KinemaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {to_flags(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except _CLICK_EXCEPTION as exc:  # usage errors: bad value, unknown option or command, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `kinema` alone: the help text
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        else:
+            print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
-"""`kinema generate`: validate the request, load the model, sample with a progress bar, save.
+"""`kinema generate`: its flags (made from the `Request` fields), then validate, load, sample
+with a progress bar, save.
 
 Every check a user can fail (model folder, sizes, frames, steps, guidance, image, output path,
-prompt policy) runs before the model weights are loaded, so a bad request fails in well under a
-second with one line and leaves no file behind.
+prompt policy) runs before the model weights are loaded (`kinema.prepare` reads headers only),
+so a bad request fails in well under a second with one line and leaves no file behind.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import time
+import typing
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .errors import InputError, KinemaError
+from .request import Request
 
 _SLUG_MAX = 40
 
@@ -24,32 +28,74 @@ def default_output_name(prompt: str, seed: int) -> Path:
     return Path(f"kinema_{slug}_{seed}.mp4")
 
 
-def parse_guidance(text: str | float | None) -> float | tuple[float, float] | None:
-    """'5' -> 5.0; '3,4' -> (3.0, 4.0) = (low-noise, high-noise), the official order."""
-    if text is None or isinstance(text, (int, float)):
-        return text
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise InputError(f"guidance must be a number or LOW,HIGH; got {text!r}") from None
-    if len(values) == 1:
-        return values[0]
-    if len(values) == 2:
-        return (values[0], values[1])
-    raise InputError(f"guidance must be a number or LOW,HIGH; got {text!r}")
+# ------------------------------------------------------------------------------ the flags
 
 
-def _model_path(model: Optional[Path]) -> Path:
-    from .pipeline import BUILTIN_DIR
+def flag_of(name: str) -> str:
+    """The CLI flag of a `Request` field."""
+    return dict(Request.options())[name].flags(name)[0]
 
-    if model is not None:
-        return Path(model).expanduser()
-    if not (BUILTIN_DIR.is_dir() and any(BUILTIN_DIR.iterdir())):
-        raise KinemaError(
-            "the built-in model is not available in this installation; pass --model DIR (a Wan2.2 folder)"
-        )
-    return BUILTIN_DIR
+
+def _cli_type(name: str, annotation: Any, cli_type: Optional[type]) -> type:
+    if cli_type is not None:
+        return cli_type
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) != 1 or args[0] not in (str, int, float, bool):
+        raise TypeError(f"Request.{name}: give its Option a cli_type (the field type is {annotation})")
+    return args[0]
+
+
+def request_parameters() -> list[inspect.Parameter]:
+    """One typer parameter per `Request` field: the `kinema generate` flags."""
+    import typer
+
+    hints = typing.get_type_hints(Request)
+    params = []
+    for name, opt in Request.options():
+        kind = _cli_type(name, hints[name], opt.cli_type)
+        if opt.argument:
+            default = typer.Argument(None, help=opt.help, show_default=False, metavar=name.upper())
+        else:
+            flag, off = opt.flags(name)
+            decls = [f"{flag}/{off}"] if kind is bool else [flag]
+            if opt.short:
+                decls.insert(0, opt.short)
+            default = typer.Option(None, *decls, help=opt.help, show_default=False,
+                                   rich_help_panel={"sampling": None, "runtime": "Runtime",
+                                                    "output": "Output"}[opt.group])
+        annotation = Optional[list[kind]] if opt.multiple else Optional[kind]  # type: ignore[valid-type]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
+    return params
+
+
+def with_request_parameters(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the typer command `func(request: Request, **own)` the `Request` fields as flags, after
+    its own parameters; typer's values are folded into one `Request` before `func` runs."""
+    own = list(inspect.signature(func).parameters.values())[1:]
+    fields = request_parameters()
+    names = {p.name for p in fields}
+
+    def command(**kwargs: Any) -> Any:
+        # repeatable flags: typer gives a list ([] when not used)
+        values = {k: (tuple(v) or None) if isinstance(v, list) else v for k, v in kwargs.items() if k in names}
+        request = Request(**values)
+        return func(request, **{k: v for k, v in kwargs.items() if k not in names})
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + fields
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__, command.__doc__ = func.__name__, func.__doc__
+    return command
+
+
+def to_flags(message: str) -> str:
+    """A library message in Python terms (`image=`) in the CLI's (`--image`)."""
+    names = {n for n, _ in Request.options()}
+    return re.sub(r"\b([a-z_]+)=", lambda m: flag_of(m.group(1)) if m.group(1) in names else m.group(0), message)
+
+
+# ------------------------------------------------------------------------------ the run
 
 
 class _Progress:
@@ -72,77 +118,90 @@ class _Progress:
         self.bar.close()
 
 
-def _load_and_run(path: Path, device: Any, dtype: Optional[str], settings: Any, progress: bool,
-                  image: Any, request: dict[str, Any]) -> Any:
-    """Load the model, re-validate if the folder changed since inspection, sample, decode."""
-    from .pipeline import load
+def _prepare(path: Path, request: Request) -> Any:
+    """`kinema.prepare`, with its size warnings as one `warning:` line each on stderr."""
+    from .pipeline import prepare
+    from .validate import SizeWarning
 
-    print(f"loading {path} on {device} ...", file=sys.stderr, flush=True)
-    pipe = load(path, device=device, dtype=dtype)
-    if pipe.spec != settings.spec:
-        settings = pipe.settings(settings.prompt, image, seed=settings.seed, **request)
-    w, h = settings.plan.size
-    passes = 2 if settings.image_first else 1
-    print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
-          f"({settings.sampler}), seed {settings.seed}"
-          + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
-    bar = _Progress(passes * settings.steps, enabled=progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SizeWarning)
+        settings = prepare(path, request)
+    for w in caught:
+        if issubclass(w.category, SizeWarning):
+            print(f"warning: {to_flags(str(w.message))}", file=sys.stderr, flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return settings
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """The prompts of a --prompts-file: one a line; blank lines are skipped."""
+    from .errors import InputError
+
     try:
-        return pipe.run(settings, callback=bar)
-    finally:
-        bar.close()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read --prompts-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts-file {path} holds no prompt")
+    return prompts
 
 
-def run_generate(
-    prompt: str,
-    image: Optional[Path] = None,
-    model: Optional[Path] = None,
-    size: Optional[str] = None,
-    frames: Optional[int] = None,
-    steps: Optional[int] = None,
-    guidance: Optional[str | float] = None,
-    shift: Optional[float] = None,
-    sampler: Optional[str] = None,
-    image_first: Optional[bool] = None,
-    image_first_scale: Optional[int] = None,
-    negative_prompt: Optional[str] = None,
-    seed: Optional[int] = None,
-    output: Optional[Path] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    no_watermark: bool = False,
-    no_sign: bool = False,
-    include_prompt: bool = False,
-    progress: bool = True,
-    **_: Any,
-) -> Path:
-    """Generate one video from the CLI options; returns the written path."""
-    from .loading import inspect_folder
-    from .pipeline import check_output_path, resolve_device, resolve_dtype, resolve_settings
+def run_generate(request: Request, model: Optional[Path] = None, prompts_file: Optional[Path] = None,
+                 progress: bool = True) -> list[Path]:
+    """Generate the video of a CLI request, or one per line of `prompts_file` (the model loaded
+    once, every request checked before it loads); returns the written paths."""
+    from .errors import InputError
+    from .pipeline import load, model_path
+    from .placement import resolve_device
+    from .video import check_output_path
 
     start = time.perf_counter()
-    request = dict(negative_prompt=negative_prompt, size=size, frames=frames, steps=steps,
-                   guidance=parse_guidance(guidance), shift=shift, sampler=sampler, image_first=image_first,
-                   image_first_scale=image_first_scale)
-    path = _model_path(model)
-    spec = inspect_folder(path).spec  # headers only: cheap, and it catches incomplete folders
-    settings = resolve_settings(spec, prompt, image, seed=seed, **request)
-    out = Path(output) if output is not None else default_output_name(prompt, settings.seed)
-    check_output_path(out)
-    dev = resolve_device(device)
-    resolve_dtype(dtype, dev)
+    if (request.prompt is None) == (prompts_file is None):
+        raise InputError("give a PROMPT or --prompts-file FILE" if prompts_file is None
+                         else "give a PROMPT or --prompts-file FILE, not both")
+    path = model_path(model)
+    options = {k: v for k, v in request.given().items() if k != "prompt"}
+    if prompts_file is not None:
+        requests = Request.batch(_read_prompts(prompts_file), **options)
+    else:
+        requests = [request]
+    jobs = []
+    for r in requests:
+        settings = _prepare(path, r)
+        out = Path(settings.output) if settings.output else check_output_path(default_output_name(
+            settings.prompt, settings.seed))
+        jobs.append((r, settings, out))
 
+    written = []
     try:
-        video = _load_and_run(path, dev, dtype, settings, progress, image, request)
-        video.save(out, watermark=not no_watermark, sign=not no_sign, include_prompt=include_prompt)
+        print(f"loading {path} on {resolve_device(request.device)} ...", file=sys.stderr, flush=True)
+        pipe = load(path, **request.given("runtime"))
+        for r, settings, out in jobs:
+            if pipe.spec != settings.spec:  # the folder changed since it was inspected
+                settings = pipe.settings(**{**r.given(), "seed": settings.seed})
+            w, h = settings.plan.size
+            passes = 2 if settings.image_first else 1
+            print(f"generating {settings.frames} frames at {w}x{h}, {settings.steps} steps "
+                  f"({settings.sampler}), seed {settings.seed}"
+                  + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
+            bar = _Progress(passes * settings.steps, enabled=progress)
+            try:
+                video = pipe.run(settings, callback=bar)
+            finally:
+                bar.close()
+            video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt)
+            w, h = video.size
+            print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+            written.append(out)
     except KeyboardInterrupt:
         import typer
 
         raise typer.Abort() from None  # "aborted", exit 130, no traceback; no partial file stays
-    seconds = time.perf_counter() - start
-    w, h = video.size
-    print(f"saved {out} ({video.num_frames} frames, {w}x{h}, {video.fps:g} fps) in {seconds:.1f} s")
-    return out
+    return written
 
 
-__all__ = ["default_output_name", "run_generate"]
+__all__ = ["default_output_name", "flag_of", "request_parameters", "run_generate", "to_flags",
+           "with_request_parameters"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -44,6 +46,7 @@ from .config import (
     T5Config,
     VAEConfig,
 )
+from . import limits
 from .errors import CheckpointError, ModelFolderError
 
 Layout = Literal["official", "diffusers"]
@@ -84,10 +87,60 @@ class TensorMeta:
         return math.prod(self.shape)
 
 
-def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
-    """Tensor names, shapes and dtypes from a safetensors header, checking the file is complete."""
+# Largest tensor a header may declare: 2**36 elements (64 Gi) is 4x the largest Wan matrix
+# times the layer count; a claimed 1e12-element tensor is a corrupt or hostile header.
+MAX_TENSOR_NUMEL = 1 << 36
+
+
+def _require_regular(file: Path, what: str = "file") -> int:
+    """The size of `file`, a regular file (a FIFO or device would block or stream forever)."""
     try:
-        size = file.stat().st_size
+        st = os.stat(file)
+    except FileNotFoundError:
+        raise ModelFolderError(f"missing {what} {file}") from None
+    except OSError as exc:
+        raise ModelFolderError(f"cannot read {what} {file}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFolderError(f"{what} {file} is not a regular file")
+    return st.st_size
+
+
+def _json_loads(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:  # a deeply nested document: hostile, never a real header
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _header_entry(entry: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one safetensors header entry; ValueError when malformed."""
+    if not isinstance(entry, dict):
+        raise ValueError("entry is not an object")
+    dtype = _ST_DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise ValueError(f"unknown dtype {entry.get('dtype')!r}")
+    shape_raw, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape_raw, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise ValueError("shape and data_offsets must be lists")
+    values = [*shape_raw, *offsets]
+    if not all(type(v) is int and v >= 0 for v in values):  # bools, floats, inf, negatives
+        raise ValueError("shape and offsets must be whole numbers >= 0")
+    shape = tuple(shape_raw)
+    if math.prod(shape) > MAX_TENSOR_NUMEL:
+        raise ValueError(f"shape {list(shape)} is implausibly large")
+    begin, end = offsets
+    if end < begin:
+        raise ValueError(f"data offsets [{begin}, {end}] are inverted")
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"data offsets [{begin}, {end}] do not hold a {dtype_name(dtype)} tensor of shape {list(shape)}")
+    return dtype, shape, begin, end
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
+    """Tensor names, shapes and dtypes from a safetensors header, checking the file is complete
+    and every entry is consistent (offsets in range and matching shape x dtype)."""
+    size = _require_regular(file, "checkpoint file")
+    try:
         with open(file, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -95,9 +148,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100_000_000:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise ModelFolderError(f"missing checkpoint file {file}") from None
+            header = _json_loads(fh.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"corrupt or truncated safetensors file {file}: {exc}") from None
     if not isinstance(header, dict):
@@ -108,11 +159,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFolderError(f"corrupt safetensors file {file}: bad header entry for {name!r}") from None
+            dtype, shape, begin, end = _header_entry(entry)
+        except ValueError as exc:
+            raise ModelFolderError(f"corrupt safetensors file {file}: bad header entry for {name!r}: {exc}") from None
         if end > data_size:
             raise ModelFolderError(
                 f"truncated safetensors file {file}: tensor {name!r} ends at byte {end} "
@@ -128,8 +177,7 @@ def load_pth(file: Path) -> dict[str, Tensor]:
     weights_only refuses any pickle that would construct arbitrary objects (a checkpoint must
     not be able to run code); mmap keeps the tensors on disk until they are used.
     """
-    if not file.is_file():
-        raise ModelFolderError(f"missing checkpoint file {file}")
+    _require_regular(file, "checkpoint file")
     try:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -156,7 +204,8 @@ def _meta_of_pth(file: Path) -> dict[str, TensorMeta]:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        _require_regular(index, "index file")
+        data = _json_loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
@@ -186,10 +235,11 @@ def _safetensors_files(folder: Path, stem: str, what: str) -> list[Path]:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
+    size = _require_regular(file)
+    if size > 16_000_000:  # configs are a few KB; refuse to parse a huge one
+        raise ModelFolderError(f"{file} is {size} bytes: too large for a config file")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"missing file {file}") from None
+        data = _json_loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"corrupt JSON file {file}: {exc}") from None
     if not isinstance(data, dict):
@@ -395,7 +445,7 @@ def inspect_folder(path: str | Path) -> FolderInfo:
     else:
         index = _read_json(path / "model_index.json")
         comps, tok = _inspect_diffusers(path, index)
-    overrides = _read_json(path / OVERRIDES_FILE) if (path / OVERRIDES_FILE).is_file() else {}
+    overrides = _read_json(path / OVERRIDES_FILE) if os.path.lexists(path / OVERRIDES_FILE) else {}
     spec, preset_name = infer_spec(comps, index, overrides)
     return FolderInfo(path, layout, comps, tok, spec, preset_name, index, overrides)
 
@@ -445,15 +495,16 @@ def infer_dit_config(comp: ComponentInfo, model_type: str | None = None) -> DiTC
     out_dim = _dit_out_dim(comp)
     num_layers = _block_count(comp)
     diffusers = "num_attention_heads" in cfg or "in_channels" in cfg
+    source = str(comp.files[0].parent / "config.json") if comp.files else comp.name
     if diffusers:
-        heads = cfg.get("num_attention_heads")
-        head_dim = cfg.get("attention_head_dim")
+        heads = _cfg_number(cfg, "num_attention_heads", source, limits.MAX_HEADS)
+        head_dim = _cfg_number(cfg, "attention_head_dim", source, limits.MAX_WIDTH)
         _cross_check(comp, "dim", heads * head_dim if heads and head_dim else None, dim)
         _cross_check(comp, "in_channels", cfg.get("in_channels"), in_dim)
         _cross_check(comp, "out_channels", cfg.get("out_channels"), out_dim)
         _cross_check(comp, "text_dim", cfg.get("text_dim"), text[1])
     else:
-        heads = cfg.get("num_heads")
+        heads = _cfg_number(cfg, "num_heads", source, limits.MAX_HEADS)
         _cross_check(comp, "dim", cfg.get("dim"), dim)
         _cross_check(comp, "in_dim", cfg.get("in_dim"), in_dim)
         _cross_check(comp, "out_dim", cfg.get("out_dim"), out_dim)
@@ -467,10 +518,13 @@ def infer_dit_config(comp: ComponentInfo, model_type: str | None = None) -> DiTC
     mtype = cfg.get("model_type") if not diffusers else None
     if mtype not in ("t2v", "i2v", "ti2v"):
         mtype = model_type or ("i2v" if in_dim != out_dim else "t2v")
-    return DiTConfig(
+    text_len = _cfg_number(cfg, "text_len", source, limits.MAX_TEXT_LEN)
+    eps = cfg.get("eps", 1e-6)
+    limits.real(eps, source, "eps", 0.0, 0.1, low_open=True, error=CheckpointError)
+    out = DiTConfig(
         model_type=mtype,
         patch_size=patch_size,  # type: ignore[arg-type]
-        text_len=int(cfg.get("text_len", 512)),
+        text_len=512 if text_len is None else text_len,
         in_dim=in_dim,
         dim=dim,
         ffn_dim=ffn[0],
@@ -481,8 +535,16 @@ def infer_dit_config(comp: ComponentInfo, model_type: str | None = None) -> DiTC
         num_layers=num_layers,
         qk_norm=comp.shape("blocks.0.self_attn.norm_q.weight") is not None or num_layers == 0,
         cross_attn_norm=comp.shape("blocks.0.norm3.weight") is not None or num_layers == 0,
-        eps=float(cfg.get("eps", 1e-6)),
+        eps=float(eps),
     )
+    limits.check_dit(out, source)
+    return out
+
+
+def _cfg_number(cfg: Mapping[str, Any], key: str, source: str, high: int) -> int | None:
+    """An optional whole-number config field in [1, high]; None when absent."""
+    value = cfg.get(key)
+    return None if value is None else limits.whole(value, source, key, 1, high, CheckpointError)
 
 
 def infer_vae_config(comp: ComponentInfo) -> VAEConfig:
@@ -508,16 +570,23 @@ def infer_vae_config(comp: ComponentInfo) -> VAEConfig:
             mean, std = WAN21_LATENT_MEAN, WAN21_LATENT_STD
         else:  # an unknown latent space: identity normalization
             mean, std = (0.0,) * z_dim, (1.0,) * z_dim
+    source = str(comp.files[0].parent / "config.json") if comp.files else comp.name
     kwargs: dict[str, Any] = {}
-    if "dim_mult" in cfg:
-        kwargs["dim_mult"] = tuple(cfg["dim_mult"])
-    if "num_res_blocks" in cfg:
-        kwargs["num_res_blocks"] = int(cfg["num_res_blocks"])
-    if "temperal_downsample" in cfg:
-        kwargs["temperal_downsample"] = tuple(bool(b) for b in cfg["temperal_downsample"])
-    return VAEConfig(version=version, dim=dim, dec_dim=dec_dim, z_dim=z_dim,
-                     latents_mean=tuple(float(m) for m in mean), latents_std=tuple(float(s) for s in std),
-                     **kwargs)
+    try:
+        if "dim_mult" in cfg:
+            kwargs["dim_mult"] = tuple(cfg["dim_mult"])
+        if "num_res_blocks" in cfg:
+            kwargs["num_res_blocks"] = limits.whole(cfg["num_res_blocks"], source, "num_res_blocks", 1, 16,
+                                                    CheckpointError)
+        if "temperal_downsample" in cfg:
+            kwargs["temperal_downsample"] = tuple(bool(b) for b in cfg["temperal_downsample"])
+        out = VAEConfig(version=version, dim=dim, dec_dim=dec_dim, z_dim=z_dim,
+                        latents_mean=tuple(float(m) for m in mean), latents_std=tuple(float(s) for s in std),
+                        **kwargs)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{source}: bad VAE field ({exc})") from None
+    limits.check_vae(out, source)
+    return out
 
 
 def infer_t5_config(comp: ComponentInfo) -> T5Config:
@@ -528,13 +597,18 @@ def infer_t5_config(comp: ComponentInfo) -> T5Config:
     shared = comp.shape("pos_embedding.embedding.weight")
     pos = shared or _need(comp, "blocks.0.pos_embedding.embedding.weight", 2)
     cfg = comp.config
-    return T5Config(
+    source = str(comp.files[0].parent / "config.json") if comp.files else comp.name
+    max_dist = cfg.get("relative_attention_max_distance", 128)
+    eps = cfg.get("layer_norm_epsilon", 1e-6)
+    limits.whole(max_dist, source, "relative_attention_max_distance", 1, 1 << 20, CheckpointError)
+    limits.real(eps, source, "layer_norm_epsilon", 0.0, 0.1, low_open=True, error=CheckpointError)
+    out = T5Config(
         vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=pos[1],
-        num_layers=_block_count(comp), num_buckets=pos[0],
-        max_dist=int(cfg.get("relative_attention_max_distance", 128)),
-        shared_pos=shared is not None,
-        eps=float(cfg.get("layer_norm_epsilon", 1e-6)),
+        num_layers=_block_count(comp), num_buckets=pos[0], max_dist=int(max_dist),
+        shared_pos=shared is not None, eps=float(eps),
     )
+    limits.check_t5(out, source)
+    return out
 
 
 def closest_preset(dit: DiTConfig, vae: VAEConfig, two_experts: bool) -> str:
@@ -575,10 +649,12 @@ def _apply_overrides(defaults: SamplingDefaults, overrides: Mapping[str, Any], s
             elif key == "image_first":
                 if not isinstance(value, bool):
                     raise ValueError("image_first must be true or false")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ModelFolderError(f"{source}: bad value for {key!r}: {value!r} ({exc})") from None
         changes[key] = value
-    return replace(defaults, **changes)
+    out = replace(defaults, **changes)
+    limits.check_defaults(out, source)
+    return out
 
 
 def infer_spec(comps: Mapping[str, ComponentInfo], model_index: Mapping[str, Any],

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InputError
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 PostStep = Callable[[int, Tensor], Tensor]
@@ -71,10 +70,10 @@ def shift_sigmas(sigmas: Tensor | float, shift: float) -> Tensor | float:
 
 def _check(steps: int, shift: float) -> tuple[int, float]:
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise InputError(f"sampling steps must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"sampling steps must be an integer >= 1, got {steps!r}")
     shift = float(shift)
     if not (shift > 0 and shift < float("inf")):
-        raise InputError(f"shift must be a finite number > 0, got {shift!r}")
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     return int(steps), shift
 
 
@@ -152,7 +151,7 @@ class _Scalars:
         if schedule.sigmas.numel() != schedule.timesteps.numel() + 1:
             raise ValueError("schedule needs len(sigmas) == len(timesteps) + 1")
         if schedule.steps < 1:
-            raise InputError("a schedule needs at least one step")
+            raise ValueError("a schedule needs at least one step")
         sig = schedule.sigmas.detach().to("cpu", torch.float32).to(dtype)
         self.sigma = [sig[j] for j in range(sig.numel())]
         self.alpha = [1 - s for s in self.sigma]
@@ -333,7 +332,7 @@ def sample_ddpm(denoise: Denoiser, x: Tensor, schedule: Schedule, *, generator: 
     """
     eta = float(eta)
     if not 0.0 <= eta <= 1.0:
-        raise InputError(f"eta must be in [0, 1], got {eta!r}")
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     sig = schedule.sigmas.detach().cpu().to(torch.float32).tolist()
     sample = x.to(_compute_dtype(x))
     for i in range(schedule.steps):

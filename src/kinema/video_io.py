@@ -2,12 +2,14 @@
 
 Writing is atomic: frames go to a temporary file beside the target, which is renamed over
 the target only once the file is complete, so a failed or interrupted write loses nothing.
+Temporary names come from `part_path` and are created with `open`, not `mkstemp`, so the
+file ends up with the mode the umask gives (mkstemp's 0600 would survive the rename).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +17,12 @@ from typing import Iterable
 import numpy as np
 
 from .errors import InputError
+
+
+def part_path(path: str | os.PathLike, tag: str) -> Path:
+    """A fresh hidden name beside `path` for a temporary file: `.NAME.PID.RANDOM.TAG`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
 
 
 def write_mp4(
@@ -32,8 +40,7 @@ def write_mp4(
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
-    os.close(fd)
+    tmp = str(part_path(path, "part.mp4"))
     try:
         with av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             for key, value in (metadata or {}).items():

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kinema.config import VAEConfig
-from kinema.errors import InputError
 
 CACHE_T = 2  # frames of context a 3-tap causal conv needs from the previous chunk
 ENCODE_CHUNK = 4  # frames per encoder chunk after the first (official schedule 1, 4, 4, ...)
@@ -360,12 +359,12 @@ class WanVAE(nn.Module):
     def _check_video(self, video: Tensor) -> None:
         s = self.cfg.spatial_stride
         if video.dim() != 5 or video.shape[1] != 3:
-            raise InputError(f"VAE encode expects a video [B, 3, T, H, W], got shape {tuple(video.shape)}")
+            raise ValueError(f"VAE encode expects a video [B, 3, T, H, W], got shape {tuple(video.shape)}")
         t, h, w = video.shape[2:]
         if (t - 1) % ENCODE_CHUNK != 0:
-            raise InputError(f"VAE encode needs 1 + 4n frames, got {t}")
+            raise ValueError(f"VAE encode needs 1 + 4n frames, got {t}")
         if h == 0 or w == 0 or h % s or w % s:
-            raise InputError(f"VAE encode needs height and width multiples of {s}, got {h}x{w}")
+            raise ValueError(f"VAE encode needs height and width multiples of {s}, got {h}x{w}")
 
     def encode_moments(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log_var) [B, z, 1+(T-1)/4, H/s, W/s] before normalization, in the module dtype.
@@ -397,7 +396,7 @@ class WanVAE(nn.Module):
         """Decode a normalized latent one latent frame at a time, yielding float32 video pieces
         [B, 3, t, H, W] (t = 1 for latent frame 0, then 4 each)."""
         if z.dim() != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
-            raise InputError(f"VAE decode expects a latent [B, {self.cfg.z_dim}, T, H, W], got {tuple(z.shape)}")
+            raise ValueError(f"VAE decode expects a latent [B, {self.cfg.z_dim}, T, H, W], got {tuple(z.shape)}")
         return self._decode_iter(z, clamp)
 
     def decode_raw_chunks(self, z_raw: Tensor) -> Iterator[Tensor]:

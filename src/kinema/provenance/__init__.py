@@ -8,7 +8,6 @@ write, sign) after; `kinema mark` and `kinema verify` use `mark_video` and `veri
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -41,7 +40,7 @@ def _write(
     video_id: str | None = None,
 ) -> dict[str, Any]:
     """Shared by finalize_video and mark_video: optionally mark, write, optionally sign."""
-    from ..video_io import write_mp4
+    from ..video_io import part_path, write_mp4
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -60,8 +59,7 @@ def _write(
     from . import credentials as cr
 
     identity = identity or cr.default_identity()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".unsigned.mp4", dir=path.parent)
-    os.close(fd)
+    tmp = part_path(path, "unsigned.mp4")
     try:
         write_mp4(frames, tmp, fps)
         manifest = cr.build_manifest(title=path.name, payload=payload, **manifest_args)

@@ -277,8 +277,9 @@ def sign_mp4(src: str | os.PathLike, dst: str | os.PathLike, identity: SigningId
     import c2pa
 
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".mp4.part", dir=dst.parent)
-    os.close(fd)
+    from ..video_io import part_path
+
+    tmp = part_path(dst, "part.mp4")
     try:
         signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(identity.alg, identity.cert_chain_pem, identity.key_pem, None))
         try:

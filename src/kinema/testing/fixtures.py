@@ -216,7 +216,7 @@ def make_tiny_model(
     from kinema.models.dit import WanModel
     from kinema.models.t5 import T5Encoder
     from kinema.models.vae import WanVAE
-    from kinema.testing.tiny_tokenizer import make_tiny_tokenizer
+    from kinema.train.tiny_tokenizer import make_tiny_tokenizer
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")

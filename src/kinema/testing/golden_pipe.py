@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from kinema.config import ModelSpec, SamplingDefaults
-from kinema.pipeline import Conditioning, Hooks, ModelCall, Pipeline
+from kinema.pipeline import Hooks, ModelCall, Pipeline
+from kinema.tasks import Conditioning
 from kinema.testing.golden_dit import load_dit
 from kinema.testing.golden_vae import build_vae, vae_config
 

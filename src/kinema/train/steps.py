@@ -19,7 +19,7 @@ Log = Callable[[str], None]
 
 def train_tokenizer(work: Path, recipe: Recipe, log: Log) -> Path:
     """Sentencepiece unigram tokenizer on the caption corpus, written as an umT5 tokenizer folder."""
-    from ..testing.tiny_tokenizer import make_tiny_tokenizer
+    from .tiny_tokenizer import make_tiny_tokenizer
     from .data import caption_corpus
 
     folder = work / "tokenizer"

@@ -35,7 +35,7 @@ class OptimConfig:
     log_every: int = 10
     seed: int = 0
     # bfloat16 autocast of the forward (AVX512-BF16 CPUs run the matmuls ~1.4x faster; other
-    # CPUs emulate bf16 far slower, so `recipe.with_precision` turns it off there);
+    # CPUs emulate bf16 far slower, so `run.with_precision` turns it off there);
     # weights, optimizer state and the loss reduction stay float32
     bf16: bool = False
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .train.data import Layout
+    from .data import Layout
 
 # Hue (degrees) of each chromatic colour word; white is decided by saturation/brightness.
 _HUES = {"red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 125.0, "blue": 222.0, "purple": 280.0}
@@ -122,7 +122,7 @@ def template_ious(mask: np.ndarray) -> dict[str, float]:
     """IoU of a blob with an ideal circle, axis-aligned square and upward equilateral triangle of
     the same area, centred on the blob's centroid (the centroid of each of the three shapes is
     its centre)."""
-    from .train.data import shape_coverage
+    from .data import shape_coverage
 
     ys, xs = np.nonzero(mask)
     area, cx, cy = float(len(xs)), xs.mean() + 0.5, ys.mean() + 0.5
@@ -190,7 +190,7 @@ def score(rows: list[dict]) -> dict[str, float]:
 def first_frame(combo: tuple[str, str, str], seed: int, size: int = 128, frames: int = 17) -> np.ndarray:
     """The first frame of a procedural clip of `combo` (image-to-video input), uint8 [H, W, 3].
     Its clip seeds are disjoint from the training clips' (dataset seeds 1000-3999)."""
-    from .train.data import all_combos, make_clip
+    from .data import all_combos, make_clip
 
     return make_clip(90_000 + seed, all_combos().index(combo), size, frames, combos=[combo])[0][0]
 
@@ -201,7 +201,7 @@ def time_cli(model: Path | None, prompts: list[tuple[str, str, str]], runs: int)
     import sys
     import tempfile
 
-    from .train.data import canonical_caption
+    from .data import canonical_caption
 
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,8 +223,8 @@ def run_eval(model: Path | None = None, seeds: int = 3, out: Path | None = None,
     """Generate every held-out prompt with `seeds` seeds and score the videos; with `i2v`, also
     start each prompt from the first frame of a procedural clip of the same combination and
     score where the video takes it."""
-    from .pipeline import load
-    from .train.data import HELD_OUT, canonical_caption
+    from ..pipeline import load
+    from .data import HELD_OUT, canonical_caption
 
     t0 = time.perf_counter()
     pipe = load(model)
@@ -294,9 +294,9 @@ def vae_round_trip(vae, repeats: int = 2, seed: int = 5,
     """
     import torch
 
-    from .pipeline import to_uint8
-    from .train.data import HELD_OUT, LAYOUT, render_clip, sample_spec
-    from .train.vae_train import clips_to_tensor
+    from ..pipeline import to_uint8
+    from .data import HELD_OUT, LAYOUT, render_clip, sample_spec
+    from .vae_train import clips_to_tensor
 
     rng = np.random.default_rng(seed)
     rows, fills = [], {}
