@@ -654,7 +654,7 @@ def test_merge_computed_on_the_gpu_for_a_cpu_model(tmp_path):
 def test_records_reach_the_sidecar_and_the_manifest(tmp_path, config):
     import numpy as np
 
-    from kinema.pipeline import Video, sidecar_path
+    from kinema.video import Video, sidecar_path
     from kinema.provenance import credentials as cr
 
     model = tiny()

@@ -134,3 +134,35 @@ def test_bad_input_is_refused_before_loading(capsys, lora, tmp_path, monkeypatch
     code, _, err = cli(capsys, "generate", "a red ball", *args, "-o", str(tmp_path / "x.mp4"))
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_keys_without_a_place_are_one_warning_line(capsys, lora, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora))
+    tensors["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight"] = tensors[
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight"].clone()
+    tensors["diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight"] = tensors[
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight"].clone()
+    extra = tmp_path / "wan21.safetensors"
+    save_file(tensors, str(extra))
+    code, _, err = cli(capsys, "generate", "a red ball", "--frames", "1", "--steps", "1", "--lora", str(extra),
+                       "-o", str(tmp_path / "w.mp4"), "--no-sign")
+    assert code == 0, err
+    (line,) = [x for x in err.splitlines() if "wan21.safetensors" in x]
+    assert line.startswith("warning: LoRA wan21.safetensors: 2 of") and "k_img" in line
+
+
+def test_the_cli_keeps_no_copy_of_the_merged_weights(capsys, lora, tmp_path, monkeypatch):
+    import kinema.pipeline as pipeline
+
+    pipes = []
+    real = pipeline.load
+    monkeypatch.setattr(pipeline, "load", lambda *a, **kw: pipes.append(real(*a, **kw)) or pipes[-1])
+    code, _, err = cli(capsys, "generate", "a red ball", "--frames", "1", "--steps", "1", "--lora", str(lora),
+                       "-o", str(tmp_path / "c.mp4"), "--no-sign")
+    assert code == 0, err
+    (pipe,) = pipes
+    assert pipe.restore_loras is False and pipe._lora_manager.originals_bytes() == 0
+    with pytest.raises(RuntimeError, match="reload the model"):  # one set per such pipeline
+        pipe.generate("a red ball", frames=1, steps=1)

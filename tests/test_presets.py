@@ -99,11 +99,11 @@ def test_exact_velocity_recovers_x0(steps):
     assert torch.allclose(sample_euler(exact, x, s), x0, atol=1e-5, rtol=0)
 
 
-def test_bad_timesteps():
+def test_bad_timesteps():  # internal data (a preset's grid), so ValueError as every schedule check
     for bad in ([], [250, 500], [1200, 500], [1000, 0]):
-        with pytest.raises(InputError):
+        with pytest.raises(ValueError, match="timesteps must descend"):
             timesteps_schedule(bad, 5.0)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError, match="steps"):
         lightning_schedule(0, 5.0)
 
 
@@ -115,10 +115,12 @@ def test_preset_end_to_end_on_a_tiny_two_expert_model(tmp_path):
     pipe = kinema.load(make_tiny_model(tmp_path / "moe", kind="t2v-moe"), device="cpu")
     calls = []
     p = get_preset("lightning-4step")
-    s = pipe.settings("a red circle", seed=3, frames=5, **p.settings())
+    s = pipe.settings("a red circle", seed=3, frames=5, preset="lightning-4step")
+    assert s == pipe.settings("a red circle", seed=3, frames=5, preset=p.name, **p.settings())
     video = pipe.run(s, hooks=Hooks(on_model_call=calls.append))
     assert [c.expert for c in calls] == [0, 0, 1, 1]
     assert [c.v_uncond for c in calls] == [None] * 4  # guidance 1: no unconditional pass
     assert [c.t for c in calls] == [1000, 937, 833, 625]
     assert [round(float(c.timestep.reshape(-1)[0]), 2) for c in calls] == [1000.0, 937.5, 833.33, 625.0]
-    assert video.metadata["sampler"] == "lightning" and video.metadata["steps"] == 4
+    settings = video.metadata["settings"]
+    assert (settings["preset"], settings["sampler"], settings["steps"]) == ("lightning-4step", "lightning", 4)

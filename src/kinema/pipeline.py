@@ -253,7 +253,7 @@ class Pipeline:
                  transformer_2: torch.nn.Module | None = None, vae: Any, text_encoder: Any,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  offload: bool = True, source: str | None = None, layout: str | None = None,
-                 lora_mode: str | None = None):
+                 lora_mode: str | None = None, restore_loras: bool = True):
         self.spec = spec
         self.transformer = transformer
         self.transformer_2 = transformer_2
@@ -265,6 +265,9 @@ class Pipeline:
         self.source = source
         self.layout = layout
         self.lora_mode = lora_mode or "merge"
+        # False: merged LoRAs keep no copy of the weights they change (26 GiB in bf16 for a LoRA
+        # on every block Linear of an A14B expert), so they cannot be switched: a one-set process
+        self.restore_loras = restore_loras
         self._lora_manager: Any = None  # kinema.lora.LoraManager, made on the first LoRA request
         if spec.two_experts and transformer_2 is None:
             raise ValueError(f"the model {spec.name} needs two experts; the low-noise one is missing")
@@ -283,7 +286,7 @@ class Pipeline:
         if self._lora_manager is None:
             from .lora import LoraManager
 
-            self._lora_manager = LoraManager([self.transformer, self.transformer_2], restorable=True,
+            self._lora_manager = LoraManager([self.transformer, self.transformer_2], restorable=self.restore_loras,
                                              compute_device=self.device)
         return self._lora_manager.apply(list(specs), mode=self.lora_mode).records()
 
@@ -447,13 +450,16 @@ def prepare(model: str | os.PathLike | None = None, prompt: str | Request | None
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, offload: bool = True, lora_mode: str | None = None) -> Pipeline:
+         dtype: str | torch.dtype | None = None, offload: bool = True, lora_mode: str | None = None,
+         restore_loras: bool = True) -> Pipeline:
     """Load a model folder (official or diffusers layout; None = the built-in model).
 
     device: None picks CUDA when present, else CPU. dtype: the DiT compute dtype (default
     bfloat16 on CUDA, float32 on CPU). Models are loaded on the CPU and moved to the device
     while they are used (offload=True, the official single-GPU default). lora_mode: how a
     request's LoRAs are applied, "merge" (default) or "side" (see `kinema.lora.apply`).
+    restore_loras=False: merged LoRAs keep no copy of the weights they change, so this pipeline
+    runs only one set of LoRAs (asking for another is a RuntimeError: load again).
     """
     from .loading import load_model
 
@@ -468,7 +474,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     pipe = Pipeline(loaded.spec, transformer=loaded.transformer, transformer_2=loaded.transformer_2,
                     vae=loaded.vae, text_encoder=loaded.text_encoder, device=dev, dtype=dt,
                     offload=offload, source=str(path.resolve()), layout=loaded.layout,
-                    lora_mode=mode)
+                    lora_mode=mode, restore_loras=restore_loras)
     if not offload and dev.type != "cpu":
         for m in (pipe.transformer, pipe.transformer_2, pipe.vae):
             move(m, dev)

@@ -40,6 +40,7 @@ class Option:
     # differs from the model's default (long or rarely changed options)
     command: str = "always"
     multiple: bool = False  # a repeatable CLI flag; the field holds a tuple (one item a use)
+    metavar: Optional[str] = None  # the CLI's name for the value, e.g. FILE[:STRENGTH]
 
     def flags(self, name: str) -> tuple[str, Optional[str]]:
         """(the on / value flag, the off flag or None) of field `name` on the CLI."""
@@ -152,13 +153,13 @@ class Request:
     # In Python also a `kinema.lora.LoraSpec`, a Path or (path, strength[, target]) per item
     loras: Optional[tuple[Any, ...]] = _opt(
         "LoRA file to apply, FILE[:STRENGTH] or FILE:HIGH,LOW (two-expert models); repeatable (default: none).",
-        flag="--lora", cli_type=str, multiple=True, show=_show_lora)
+        flag="--lora", cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
     lora_high: Optional[tuple[Any, ...]] = _opt(
         "LoRA file for the high-noise expert only, FILE[:STRENGTH]; repeatable (default: none).",
-        cli_type=str, multiple=True, show=_show_lora)
+        cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
     lora_low: Optional[tuple[Any, ...]] = _opt(
         "LoRA file for the low-noise expert only, FILE[:STRENGTH]; repeatable (default: none).",
-        cli_type=str, multiple=True, show=_show_lora)
+        cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
 
     # -- runtime: where and how the model runs; the frames stay the same (up to rounding)
     device: Optional[str] = _opt("cpu, cuda, cuda:1 ... (default: auto).", group="runtime")

@@ -119,7 +119,7 @@ def timesteps_schedule(base_timesteps, shift: float) -> Schedule:
     base = torch.as_tensor(list(base_timesteps), dtype=torch.float32)
     if base.numel() < 1 or not bool((base[:-1] > base[1:]).all()) or float(base[0]) > NUM_TRAIN_TIMESTEPS \
             or float(base[-1]) <= 0:
-        raise InputError(f"timesteps must descend within (0, {NUM_TRAIN_TIMESTEPS}], got {list(base_timesteps)}")
+        raise ValueError(f"timesteps must descend within (0, {NUM_TRAIN_TIMESTEPS}], got {list(base_timesteps)}")
     _, shift = _check(base.numel(), shift)
     sigmas = shift_sigmas(base / NUM_TRAIN_TIMESTEPS, shift)  # float32 throughout
     return Schedule(sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps=sigmas * NUM_TRAIN_TIMESTEPS)
