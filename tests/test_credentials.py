@@ -87,6 +87,16 @@ def test_prompt_only_when_asked(config, video, tmp_path):
     assert b"a red fox" not in out.read_bytes()
 
 
+def test_loras_are_recorded(config, video, tmp_path):
+    out = tmp_path / "l.mp4"
+    record = {"file": "style.safetensors", "sha256": "ab" * 32, "strength": {"high": 1.0, "low": 0.5}, "target": "both",
+              "format": "comfyui", "mode": "merge", "matched": 400, "unmatched": 0}
+    _sign(video, out, cr.default_identity(), loras=[record])
+    assert cr.read_credentials(out)["generation"]["loras"] == [record]
+    _sign(video, out, cr.default_identity())
+    assert "loras" not in cr.read_credentials(out)["generation"]
+
+
 def test_tampered_file_is_invalid(config, video, tmp_path):
     out = tmp_path / "signed.mp4"
     _sign(video, out, cr.default_identity())

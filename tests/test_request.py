@@ -97,16 +97,31 @@ ROUND_TRIPS = {
                  guidance="3.5", shift="4", sampler="dpm++", seed="3", image_first=True, image_first_scale="2"),
     "image": dict(prompt="it moves", image="{image}", max_area="4096", frames="5", steps="2", sampler="euler",
                   seed="4"),
+    "lora": dict(prompt="a fox", loras="{lora}:0.5", preset="lightning-4step", frames="5", seed="5"),
+    "moe": dict(prompt="a fox", lora_high="{lora}:0.7", lora_low="{lora}", frames="5", steps="2", seed="6"),
 }
+MODEL_OF = {"moe": "t2v-moe"}  # the cases that need another tiny model than TI2V
 
 
-def _args(values: dict, image: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, model):
+    from kinema.testing.fixtures import make_tiny_model
+    from kinema.testing.loras import make_tiny_lora
+
+    base = tmp_path_factory.mktemp("models")
+    out = {"ti2v": model, "t2v-moe": make_tiny_model(base / "moe", kind="t2v-moe", layout="official")}
+    return {k: (m, make_tiny_lora(m, base / f"{k}.safetensors")) for k, m in out.items()}
+
+
+def _args(values: dict, image: Path, lora: Path | None = None) -> list[str]:
+    from kinema.generate_cmd import flag_of
+
     args = [values["prompt"]]
     for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
         if name == "prompt":
             continue
-        args += [flag] if value is True else [flag, str(value).format(image=image)]
+        flag = flag_of(name)
+        args += [flag] if value is True else [flag, str(value).format(image=image, lora=lora)]
     return args
 
 
@@ -116,9 +131,12 @@ def test_round_trips_cover_every_sampling_field():
 
 
 @pytest.mark.parametrize("case", list(ROUND_TRIPS))
-def test_sidecar_command_gives_the_same_frames(capsys, model, image, tmp_path, written, case):
+def test_sidecar_command_gives_the_same_frames(capsys, models, image, tmp_path, written, case):
+    from kinema.generate_cmd import flag_of
+
+    model, lora = models[MODEL_OF.get(case, "ti2v")]
     first = tmp_path / "first.mp4"
-    code, _, err = cli(capsys, "generate", *_args(ROUND_TRIPS[case], image), "--model", str(model),
+    code, _, err = cli(capsys, "generate", *_args(ROUND_TRIPS[case], image, lora), "--model", str(model),
                        "-o", str(first), "--no-sign")
     assert code == 0, err
     side = json.loads(first.with_suffix(".json").read_text())
@@ -128,7 +146,7 @@ def test_sidecar_command_gives_the_same_frames(capsys, model, image, tmp_path, w
     args = shlex.split(side["command"])
     for name in ROUND_TRIPS[case]:
         if name != "prompt":
-            assert "--" + name.replace("_", "-") in args, name
+            assert flag_of(name) in args, name
     assert "--device" not in args and "--output" not in args  # runtime / output: not in the command
     code, _, err = cli(capsys, "generate", *args[2:], "-o", str(tmp_path / "again.mp4"), "--no-sign")
     assert code == 0, err

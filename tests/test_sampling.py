@@ -96,7 +96,7 @@ def test_bad_schedule_input(fn):
 
 
 def test_samplers_registry():
-    assert set(SAMPLERS) == {"unipc", "dpm++", "euler", "ddpm"}
+    assert set(SAMPLERS) == {"unipc", "dpm++", "euler", "ddpm", "lightning"}
     assert SAMPLERS["unipc"] == (unipc_schedule, sample_unipc)
     assert SAMPLERS["dpm++"] == (dpmpp_schedule, sample_dpmpp)
     assert SAMPLERS["euler"][1] is sample_euler

@@ -16,3 +16,7 @@ class CheckpointError(ModelFolderError):
 
 class InputError(KinemaError):
     """A generation request that cannot be honoured (size, frames, steps, image, ...)."""
+
+
+class LoraError(KinemaError):
+    """A LoRA file that cannot be applied (not safetensors, nothing matches, shapes that do not fit)."""

@@ -60,10 +60,10 @@ def request_parameters() -> list[inspect.Parameter]:
             decls = [f"{flag}/{off}"] if kind is bool else [flag]
             if opt.short:
                 decls.insert(0, opt.short)
-            default = typer.Option(None, *decls, help=opt.help, show_default=False,
+            default = typer.Option(None, *decls, help=opt.help, show_default=False, metavar=opt.metavar,
                                    rich_help_panel={"sampling": None, "runtime": "Runtime",
                                                     "output": "Output"}[opt.group])
-        annotation = Optional[kind]
+        annotation = Optional[list[kind]] if opt.multiple else Optional[kind]  # type: ignore[valid-type]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
     return params
@@ -77,7 +77,9 @@ def with_request_parameters(func: Callable[..., Any]) -> Callable[..., Any]:
     names = {p.name for p in fields}
 
     def command(**kwargs: Any) -> Any:
-        request = Request(**{k: v for k, v in kwargs.items() if k in names})
+        # repeatable flags: typer gives a list ([] when not used)
+        values = {k: (tuple(v) or None) if isinstance(v, list) else v for k, v in kwargs.items() if k in names}
+        request = Request(**values)
         return func(request, **{k: v for k, v in kwargs.items() if k not in names})
 
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + fields
@@ -116,20 +118,28 @@ class _Progress:
         self.bar.close()
 
 
-def _prepare(path: Path, request: Request) -> Any:
-    """`kinema.prepare`, with its size warnings as one `warning:` line each on stderr."""
-    from .pipeline import prepare
+def _one_line_warnings(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`func(...)`, with its size and LoRA warnings as one `warning:` line each on stderr."""
+    from .lora import LoraWarning
     from .validate import SizeWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SizeWarning)
-        settings = prepare(path, request)
+        warnings.simplefilter("always", LoraWarning)
+        result = func(*args, **kwargs)
     for w in caught:
-        if issubclass(w.category, SizeWarning):
+        if issubclass(w.category, (SizeWarning, LoraWarning)):
             print(f"warning: {to_flags(str(w.message))}", file=sys.stderr, flush=True)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return settings
+    return result
+
+
+def _prepare(path: Path, request: Request) -> Any:
+    """`kinema.prepare`, its warnings one line each."""
+    from .pipeline import prepare
+
+    return _one_line_warnings(prepare, path, request)
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -175,7 +185,9 @@ def run_generate(request: Request, model: Optional[Path] = None, prompts_file: O
     written = []
     try:
         print(f"loading {path} on {resolve_device(request.device)} ...", file=sys.stderr, flush=True)
-        pipe = load(path, **request.given("runtime"))
+        # every job runs the same LoRAs: no copy of the weights they change is needed
+        one_set = len({tuple(s.lora_specs) for _, s, _ in jobs}) == 1
+        pipe = load(path, **request.given("runtime"), restore_loras=not one_set)
         for r, settings, out in jobs:
             if pipe.spec != settings.spec:  # the folder changed since it was inspected
                 settings = pipe.settings(**{**r.given(), "seed": settings.seed})
@@ -186,7 +198,7 @@ def run_generate(request: Request, model: Optional[Path] = None, prompts_file: O
                   + (" (first frame, then the video: 2 passes)" if passes == 2 else ""), file=sys.stderr, flush=True)
             bar = _Progress(passes * settings.steps, enabled=progress)
             try:
-                video = pipe.run(settings, callback=bar)
+                video = _one_line_warnings(pipe.run, settings, callback=bar)
             finally:
                 bar.close()
             video.save(out, watermark=settings.watermark, sign=settings.sign, include_prompt=settings.include_prompt,

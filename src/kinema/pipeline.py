@@ -38,7 +38,7 @@ from .request import Request
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, Schedule
 from .tasks import (Conditioning, condition, encode_keyframe, first_frame_plan, plan_task,
                     token_timesteps)
-from .validate import Settings, resolve
+from .validate import Settings, check_lora_mode, resolve
 from .video import Video, sidecar_metadata
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "assets" / "builtin"
@@ -252,7 +252,8 @@ class Pipeline:
     def __init__(self, spec: ModelSpec, *, transformer: torch.nn.Module,
                  transformer_2: torch.nn.Module | None = None, vae: Any, text_encoder: Any,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 offload: bool = True, source: str | None = None, layout: str | None = None):
+                 offload: bool = True, source: str | None = None, layout: str | None = None,
+                 lora_mode: str | None = None, restore_loras: bool = True):
         self.spec = spec
         self.transformer = transformer
         self.transformer_2 = transformer_2
@@ -263,13 +264,31 @@ class Pipeline:
         self.offload = offload
         self.source = source
         self.layout = layout
+        self.lora_mode = lora_mode or "merge"
+        # False: merged LoRAs keep no copy of the weights they change (26 GiB in bf16 for a LoRA
+        # on every block Linear of an A14B expert), so they cannot be switched: a one-set process
+        self.restore_loras = restore_loras
+        self._lora_manager: Any = None  # kinema.lora.LoraManager, made on the first LoRA request
         if spec.two_experts and transformer_2 is None:
             raise ValueError(f"the model {spec.name} needs two experts; the low-noise one is missing")
 
     @property
     def runtime(self) -> dict[str, Any]:
         """The load-time "runtime" options, as `resolve` spells them in `Settings`."""
-        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "lora_mode": self.lora_mode}
+
+    def apply_loras(self, specs: Sequence[Any]) -> list[dict[str, Any]]:
+        """Make `specs` (kinema.lora.LoraSpec) the LoRAs on the DiT(s); an empty list puts the
+        base weights back (bit-exact). Returns the sidecar / C2PA records of what is applied."""
+        if not specs and self._lora_manager is None:
+            return []
+        if self._lora_manager is None:
+            from .lora import LoraManager
+
+            self._lora_manager = LoraManager([self.transformer, self.transformer_2], restorable=self.restore_loras,
+                                             compute_device=self.device)
+        return self._lora_manager.apply(list(specs), mode=self.lora_mode).records()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -335,6 +354,7 @@ class Pipeline:
         hooks = hooks or Hooks()
         start = time.perf_counter()
         plan = s.plan
+        loras = self.apply_loras(s.lora_specs)  # before any work: a bad file changes nothing
         with torch.no_grad():
             if hooks.noise is not None:
                 noise = hooks.noise.to(torch.float32)
@@ -395,6 +415,8 @@ class Pipeline:
                 frames = decode_frames(self.vae, latent, self.device, hooks.on_decoded_chunk)
         meta = sidecar_metadata(s, source=self.source, layout=self.layout, runtime=self.runtime,
                                 seconds=time.perf_counter() - start)
+        if loras:
+            meta["loras"] = loras
         return Video(frames=frames, fps=s.fps, metadata=meta)
 
 
@@ -429,25 +451,31 @@ def prepare(model: str | os.PathLike | None = None, prompt: str | Request | None
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, offload: bool = True) -> Pipeline:
+         dtype: str | torch.dtype | None = None, offload: bool = True, lora_mode: str | None = None,
+         restore_loras: bool = True) -> Pipeline:
     """Load a model folder (official or diffusers layout; None = the built-in model).
 
     device: None picks CUDA when present, else CPU. dtype: the DiT compute dtype (default
     bfloat16 on CUDA, float32 on CPU). Models are loaded on the CPU and moved to the device
-    while they are used (offload=True, the official single-GPU default).
+    while they are used (offload=True, the official single-GPU default). lora_mode: how a
+    request's LoRAs are applied, "merge" (default) or "side" (see `kinema.lora.apply`).
+    restore_loras=False: merged LoRAs keep no copy of the weights they change, so this pipeline
+    runs only one set of LoRAs (asking for another is a RuntimeError: load again).
     """
     from .loading import load_model
 
     path = model_path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    mode = None if lora_mode is None else check_lora_mode(lora_mode)
     # float32 is the official in-memory DiT dtype (None keeps the text encoder's stored dtype).
     loaded = load_model(path, dtype=None if dt == torch.float32 else dt, device="cpu")
     if loaded.transformer is None or loaded.vae is None or loaded.text_encoder is None:
         raise ModelFolderError(f"{path} lacks a DiT, a VAE or a text encoder")
     pipe = Pipeline(loaded.spec, transformer=loaded.transformer, transformer_2=loaded.transformer_2,
                     vae=loaded.vae, text_encoder=loaded.text_encoder, device=dev, dtype=dt,
-                    offload=offload, source=str(path.resolve()), layout=loaded.layout)
+                    offload=offload, source=str(path.resolve()), layout=loaded.layout,
+                    lora_mode=mode, restore_loras=restore_loras)
     if not offload and dev.type != "cpu":
         for m in (pipe.transformer, pipe.transformer_2, pipe.vae):
             move(m, dev)

@@ -39,6 +39,8 @@ class Option:
     # sampling fields in the reproduce command: "always", or "changed" = only when the value
     # differs from the model's default (long or rarely changed options)
     command: str = "always"
+    multiple: bool = False  # a repeatable CLI flag; the field holds a tuple (one item a use)
+    metavar: Optional[str] = None  # the CLI's name for the value, e.g. FILE[:STRENGTH]
 
     def flags(self, name: str) -> tuple[str, Optional[str]]:
         """(the on / value flag, the off flag or None) of field `name` on the CLI."""
@@ -90,6 +92,11 @@ def _show_guidance(v: Any) -> str:
     return ",".join(f"{g:g}" for g in v) if isinstance(v, tuple) else f"{v:g}"
 
 
+def _show_lora(v: Any) -> str:
+    """One resolved LoRA item (already "FILE:STRENGTH" text, see `validate`) as the flag's value."""
+    return str(v)
+
+
 def _show_number(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -130,7 +137,8 @@ class Request:
     shift: Optional[float] = _opt("Noise schedule shift (default: the model's).", aliases=("flow_shift",),
                                   show=_show_number)
     sampler: Optional[str] = _opt(
-        "unipc, dpm++, euler or ddpm (stochastic: fresh noise each step, from the seed) (default: the model's).")
+        "unipc, dpm++, euler, lightning (Euler on the 4-step distilled grid) or ddpm (stochastic: fresh noise "
+        "each step, from the seed) (default: the model's).")
     seed: Optional[int] = _opt(
         "Random seed; the same seed gives the same video (default: random, recorded in the sidecar).")
     image_first: Optional[bool] = _opt(
@@ -139,10 +147,26 @@ class Request:
     image_first_scale: Optional[int] = _opt(
         "Image first: draw the first frame this many times larger, then shrink it to the video size "
         "(default: the model's; 1 for the built-in model).", command="changed")
+    preset: Optional[str] = _opt(
+        "A published sampling recipe: lightning-4step (4-step distilled models and LoRAs: Euler, shift 5, no "
+        "CFG); it fills --sampler, --steps, --guidance and --shift where they are not given (default: none).")
+    # In Python also a `kinema.lora.LoraSpec`, a Path or (path, strength[, target]) per item
+    loras: Optional[tuple[Any, ...]] = _opt(
+        "LoRA file to apply, FILE[:STRENGTH] or FILE:HIGH,LOW (two-expert models); repeatable (default: none).",
+        flag="--lora", cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
+    lora_high: Optional[tuple[Any, ...]] = _opt(
+        "LoRA file for the high-noise expert only, FILE[:STRENGTH]; repeatable (default: none).",
+        cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
+    lora_low: Optional[tuple[Any, ...]] = _opt(
+        "LoRA file for the low-noise expert only, FILE[:STRENGTH]; repeatable (default: none).",
+        cli_type=str, multiple=True, show=_show_lora, metavar="FILE[:S]")
 
     # -- runtime: where and how the model runs; the frames stay the same (up to rounding)
     device: Optional[str] = _opt("cpu, cuda, cuda:1 ... (default: auto).", group="runtime")
     dtype: Optional[str] = _opt("fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).", group="runtime")
+    lora_mode: Optional[str] = _opt(
+        "merge (LoRAs added into the weights) or side (a side branch per layer, weights untouched) "
+        "(default: merge).", group="runtime")
 
     # -- output: how the file is written
     output: Optional[str] = _opt(

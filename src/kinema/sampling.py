@@ -49,7 +49,9 @@ class Schedule:
     """A sampling schedule: ``N`` model timesteps and ``N + 1`` solver sigmas (last = 0)."""
 
     sigmas: Tensor  # float32 [N+1], CPU, descending, sigmas[-1] == 0
-    timesteps: Tensor  # int64 [N], CPU: int64(1000·σ) truncated from the float64 sigmas
+    # [N], CPU: int64(1000·σ) truncated from the float64 sigmas (the official grids), or float32
+    # 1000·σ unrounded (the distilled models' grid, `lightning_schedule`)
+    timesteps: Tensor
 
     @property
     def steps(self) -> int:
@@ -106,6 +108,29 @@ def dpmpp_schedule(steps: int, shift: float) -> Schedule:
 def euler_schedule(steps: int, shift: float) -> Schedule:
     """Euler uses the UniPC grid."""
     return unipc_schedule(steps, shift)
+
+
+def timesteps_schedule(base_timesteps, shift: float) -> Schedule:
+    """The grid of the step-distilled Wan models from their published training timesteps
+    (lightx2v's ``denoising_step_list``, e.g. 1000, 750, 500, 250): ``σ_i = S_s(t_i / 1000)``,
+    a final σ of 0, and the model timestep ``1000·σ_i`` as float32, not truncated (the
+    distilled models were trained at 937.5, 833.33, ...). float32 arithmetic, as both the
+    Wan2.2-Lightning and the lightx2v schedulers compute it."""
+    base = torch.as_tensor(list(base_timesteps), dtype=torch.float32)
+    if base.numel() < 1 or not bool((base[:-1] > base[1:]).all()) or float(base[0]) > NUM_TRAIN_TIMESTEPS \
+            or float(base[-1]) <= 0:
+        raise ValueError(f"timesteps must descend within (0, {NUM_TRAIN_TIMESTEPS}], got {list(base_timesteps)}")
+    _, shift = _check(base.numel(), shift)
+    sigmas = shift_sigmas(base / NUM_TRAIN_TIMESTEPS, shift)  # float32 throughout
+    return Schedule(sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps=sigmas * NUM_TRAIN_TIMESTEPS)
+
+
+def lightning_schedule(steps: int, shift: float) -> Schedule:
+    """Wan2.2-Lightning's Euler grid for `steps` steps: the training timesteps
+    ``linspace(1000, 0, N+1)[:N]`` (float32) through `timesteps_schedule`."""
+    steps, shift = _check(steps, shift)
+    base = np.linspace(NUM_TRAIN_TIMESTEPS, 0, steps + 1, dtype=np.float32)[:steps]
+    return timesteps_schedule(base.tolist(), shift)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -334,6 +359,8 @@ SAMPLERS: dict[str, tuple[Callable[[int, float], Schedule], Callable[..., Tensor
     "dpm++": (dpmpp_schedule, sample_dpmpp),
     "euler": (euler_schedule, sample_euler),
     "ddpm": (unipc_schedule, sample_ddpm),  # the UniPC grid
+    # Euler on the step-distilled models' grid (Wan2.2-Lightning / lightx2v 4-step recipes)
+    "lightning": (lightning_schedule, sample_euler),
 }
 # Samplers that draw noise while they run: they take a `generator=` keyword.
 STOCHASTIC_SAMPLERS = frozenset({"ddpm"})

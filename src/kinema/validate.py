@@ -51,6 +51,7 @@ class Settings:
     boundary: Optional[float]  # two-expert models: the switch at t >= boundary * 1000
     image: Any = None  # PIL RGB image or None (request.image keeps what was passed)
     image_info: Optional[dict[str, Any]] = None
+    lora_specs: tuple[Any, ...] = ()  # kinema.lora.LoraSpec of request.loras + lora_high + lora_low
 
     def __getattr__(self, name: str) -> Any:
         # only for names that are not fields of Settings itself; never during unpickling
@@ -90,7 +91,10 @@ class Settings:
             if opt.command == "changed" and value == getattr(defaults, name, None):
                 continue
             flag, off = opt.flags(name)
-            if isinstance(value, bool):
+            if opt.multiple:
+                for item in value:
+                    args += [flag, opt.show(item) if opt.show else str(item)]
+            elif isinstance(value, bool):
                 args.append(flag if value else off)
             else:
                 args += [flag, opt.show(value) if opt.show else str(value)]
@@ -190,6 +194,34 @@ def _warn_far_size(spec: ModelSpec, area: int) -> None:
                       f"{'slow and ' if ratio > 1 else ''}poor", SizeWarning, stacklevel=3)
 
 
+def check_lora_mode(value: Any) -> str:
+    """"merge" or "side" (the `lora_mode=` of a request and of `kinema.load`)."""
+    from .lora.apply import MODES
+
+    mode = _text("lora_mode", value).lower()
+    if mode not in MODES:
+        raise InputError(f"lora_mode= must be one of {', '.join(MODES)}, got {value!r}")
+    return mode
+
+
+def _lora_text(spec: Any) -> str:
+    """A LoraSpec as the CLI writes it: FILE:STRENGTH or FILE:HIGH,LOW."""
+    s = spec.strength
+    strength = ",".join(f"{float(v):g}" for v in s) if isinstance(s, (tuple, list)) else f"{float(s):g}"
+    return f"{spec.path}:{strength}"
+
+
+def _loras(spec: ModelSpec, r: Request) -> tuple[tuple[Any, ...], dict[str, tuple[str, ...]]]:
+    """The request's LoRAs checked without reading weights (`kinema.lora.resolve_loras`): the
+    specs, and loras / lora_high / lora_low normalised to FILE:STRENGTH text by target."""
+    from .lora import resolve_loras
+
+    specs = resolve_loras(r.loras, r.lora_high, r.lora_low, experts=2 if spec.two_experts else 1)
+    text = {name: tuple(_lora_text(s) for s in specs if s.target == target)
+            for name, target in (("loras", "both"), ("lora_high", "high"), ("lora_low", "low"))}
+    return specs, text
+
+
 def resolve(spec: ModelSpec, request: Request) -> Settings:
     """Fill in the model's defaults and check everything that can be checked without weights
     (one-line InputError otherwise), including the prompt policy and the output path."""
@@ -200,6 +232,13 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
         raise TypeError(f"resolve() takes a Request, got {type(request).__name__}")
     d = spec.defaults
     r = request
+    preset = None
+    if r.preset is not None:  # the recipe's values fill what the user left unset
+        from .presets import get_preset
+
+        chosen = get_preset(_text("preset", r.preset))
+        preset = chosen.name
+        r = replace(r, **{k: v for k, v in chosen.settings().items() if getattr(r, k) is None})
     prompt = _text("prompt", r.prompt)
     if not prompt.strip():
         raise InputError("the prompt is empty; say what the video should show")
@@ -228,6 +267,7 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler= {sampler!r}; choose from {', '.join(SAMPLERS)}")
     seed = _seed(r.seed)
+    lora_specs, lora_text = _loras(spec, r)
 
     pil = info = None
     if r.image is not None:
@@ -257,6 +297,7 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     # runtime options: checked here, but left None when not given (= what the pipeline has)
     device = resolve_device(r.device)
     dtype = None if r.dtype is None else str(resolve_dtype(r.dtype, device)).replace("torch.", "")
+    lora_mode = None if r.lora_mode is None else check_lora_mode(r.lora_mode)
 
     overwrite = False if r.overwrite is None else _bool("overwrite", r.overwrite)
     output = None
@@ -272,14 +313,15 @@ def resolve(spec: ModelSpec, request: Request) -> Settings:
     resolved = replace(
         r, prompt=prompt, negative_prompt=negative_prompt, size=(width, height), max_area=max_area,
         frames=frames, steps=steps, guidance=guidance, shift=shift, sampler=sampler, seed=seed,
-        image_first=image_first, image_first_scale=scale,
-        device=None if r.device is None else str(device), dtype=dtype,
+        image_first=image_first, image_first_scale=scale, preset=preset, **lora_text,
+        device=None if r.device is None else str(device), dtype=dtype, lora_mode=lora_mode,
         output=output, watermark=True if r.watermark is None else _bool("watermark", r.watermark),
         sign=sign, overwrite=overwrite,
         include_prompt=False if r.include_prompt is None else _bool("include_prompt", r.include_prompt),
     )
     return Settings(request=resolved, spec=spec, plan=plan, fps=float(d.fps),
-                    boundary=d.boundary if spec.two_experts else None, image=pil, image_info=info)
+                    boundary=d.boundary if spec.two_experts else None, image=pil, image_info=info,
+                    lora_specs=lora_specs)
 
 
-__all__ = ["SIZE_WARN_FACTOR", "Settings", "SizeWarning", "resolve"]
+__all__ = ["SIZE_WARN_FACTOR", "Settings", "SizeWarning", "check_lora_mode", "resolve"]

@@ -74,7 +74,7 @@ class Video:
             facts = finalize_video(
                 self.frames, staged, self.fps, model_name=str(meta.get("model", {}).get("name", "unknown")),
                 watermark=watermark, sign=sign, prompt=meta.get("settings", {}).get("prompt"),
-                include_prompt=include_prompt, video_id=self.content_id(),
+                include_prompt=include_prompt, video_id=self.content_id(), loras=meta.get("loras"),
             )
             # the output options as this file was really written (Request's "output" group)
             written = {"output": str(path), "watermark": watermark, "sign": sign,

@@ -81,6 +81,7 @@ def finalize_video(
     include_prompt: bool = False,
     identity: "SigningIdentity | None" = None,
     video_id: str | None = None,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Watermark uint8 RGB frames `[F, H, W, 3]`, write the MP4 atomically to `path`, sign it.
 
@@ -89,9 +90,10 @@ def finalize_video(
 
     Returns facts for the JSON sidecar:
     `{"watermark": {"payload": hex, "bits": 64, ...} | None, "c2pa": {"signed": True, "signer": ...} | None}`.
-    The prompt goes into the manifest only with `include_prompt=True`.
+    The prompt goes into the manifest only with `include_prompt=True`; `loras` (the applied
+    LoRAs' records: file, sha256, strength, target, ...) always does.
     """
-    args = {"model_name": model_name, "prompt": prompt, "include_prompt": include_prompt}
+    args = {"model_name": model_name, "prompt": prompt, "include_prompt": include_prompt, "loras": loras}
     if video_id is not None:
         from . import watermark as wm
 

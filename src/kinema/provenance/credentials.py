@@ -253,8 +253,10 @@ def build_manifest(
     include_prompt: bool = False,
     source_type: str = IPTC_TRAINED,
     marked_afterwards: bool = False,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The manifest definition: created-by-a-trained-model action, soft binding, generation facts."""
+    """The manifest definition: created-by-a-trained-model action, soft binding, generation facts
+    (`loras`: the records of the LoRAs applied, `kinema.lora.LoraReport.records()`)."""
     agent = {"name": "kinema", "version": _version()}
     created: dict[str, Any] = {"action": "c2pa.created", "digitalSourceType": source_type, "softwareAgent": agent}
     if model_name:
@@ -273,6 +275,8 @@ def build_manifest(
         generation["watermark_payload"] = payload
     if include_prompt and prompt is not None:
         generation["prompt"] = prompt
+    if loras:
+        generation["loras"] = [dict(r) for r in loras]
     assertions.append({"label": GENERATION_LABEL, "data": generation})
     return {
         "claim_generator_info": [agent],
