@@ -145,7 +145,7 @@ def test_i2v_concatenates_y():
     ctx = [torch.randn(4, cfg.text_dim, generator=gen)]
     out = model(x, torch.tensor([913]), ctx, y=y)
     assert out.shape == (1, 4, 2, 4, 4)
-    with pytest.raises(InputError, match="needs the image conditioning"):
+    with pytest.raises(ValueError, match="needs the image conditioning"):
         model(x, torch.tensor([913]), ctx)
 
 
@@ -199,20 +199,22 @@ def test_keep_fp32_and_rope_split():
 def test_bad_inputs_raise_clear_errors():
     model = _tiny()
     x, t, ctx = _inputs()
-    with pytest.raises(InputError, match="seq_len 10 is smaller than the number of tokens 18"):
+    with pytest.raises(ValueError, match="seq_len 10 is smaller than the number of tokens 18"):
         model(x, t, ctx, seq_len=10)
-    with pytest.raises(InputError, match="channels"):
+    with pytest.raises(ValueError, match="channels"):
         model(x[:, :3], t, ctx)
-    with pytest.raises(InputError, match="text contexts for a batch"):
+    with pytest.raises(ValueError, match="text contexts for a batch"):
         model(x, t, ctx[:1])
-    with pytest.raises(InputError, match="at most 16"):
+    with pytest.raises(ValueError, match="at most 16"):
         model(x, t, [torch.zeros(17, TINY.text_dim)] * 2)
-    with pytest.raises(InputError, match="timestep shape"):
+    with pytest.raises(ValueError, match="timestep shape"):
         model(x, torch.zeros(3), ctx)
-    with pytest.raises(InputError, match="per-token timesteps"):
+    with pytest.raises(ValueError, match="per-token timesteps"):
         model(x, torch.zeros(2, 11), ctx)
-    with pytest.raises(InputError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible") as caught:
         model(x[..., :5], t, ctx)
+    # internal shape errors keep their traceback: they are not one-line user errors
+    assert not isinstance(caught.value, InputError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kinema.attention import attention
 from kinema.config import DiTConfig
-from kinema.errors import InputError
+
 
 # Parameters that stay float32 in `WanModel.to_mixed_precision` (they are tiny or feed fp32 math).
 _FP32_PARTS = ("time_embedding.", "time_projection.", "head.", "modulation", "norm")
@@ -312,10 +312,10 @@ class WanModel(nn.Module):
         if t.dim() == 2 and t.shape[1] == 1:
             t = t[:, 0]
         if t.dim() > 2 or t.shape[0] not in (1, batch):
-            raise InputError(f"timestep shape {tuple(t.shape)} does not fit a batch of {batch}")
+            raise ValueError(f"timestep shape {tuple(t.shape)} does not fit a batch of {batch}")
         if t.dim() == 2:
             if t.shape[1] not in (num_tokens, seq_len):
-                raise InputError(
+                raise ValueError(
                     f"per-token timesteps have {t.shape[1]} columns; expected {num_tokens} (tokens)"
                     f" or {seq_len} (seq_len)"
                 )
@@ -349,18 +349,18 @@ class WanModel(nn.Module):
         w = self.text_embedding[0].weight
         if isinstance(context, Tensor):
             if context.dim() != 3:
-                raise InputError(f"context tensor must be [B, L, {cfg.text_dim}], got {tuple(context.shape)}")
+                raise ValueError(f"context tensor must be [B, L, {cfg.text_dim}], got {tuple(context.shape)}")
             rows = list(context.unbind(0))
         else:
             rows = list(context)
         if len(rows) != batch:
-            raise InputError(f"got {len(rows)} text contexts for a batch of {batch}")
+            raise ValueError(f"got {len(rows)} text contexts for a batch of {batch}")
         ctx = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=w.dtype, device=w.device)
         for i, c in enumerate(rows):
             if c.dim() != 2 or c.shape[1] != cfg.text_dim:
-                raise InputError(f"text context {i} must be [L, {cfg.text_dim}], got {tuple(c.shape)}")
+                raise ValueError(f"text context {i} must be [L, {cfg.text_dim}], got {tuple(c.shape)}")
             if c.shape[0] > cfg.text_len:
-                raise InputError(f"text context {i} has {c.shape[0]} rows; at most {cfg.text_len} allowed")
+                raise ValueError(f"text context {i} has {c.shape[0]} rows; at most {cfg.text_len} allowed")
             ctx[i, : c.shape[0]] = c
         return _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], ctx)))
 
@@ -368,14 +368,14 @@ class WanModel(nn.Module):
         """[B, C, F, H, W] -> float32 tokens [B, L, dim] zero-padded to L, grid (F', H', W'), N."""
         p = self.cfg.patch_size
         if any(s % q for s, q in zip(x.shape[2:], p)):
-            raise InputError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {p}")
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {p}")
         w = self.patch_embedding.weight
         tok = self.patch_embedding(x.to(w.dtype))  # [B, dim, F', H', W']
         grid = tuple(tok.shape[2:])
         n = math.prod(grid)
         length = n if seq_len is None else int(seq_len)
         if length < n:
-            raise InputError(f"seq_len {length} is smaller than the number of tokens {n} for grid {grid}")
+            raise ValueError(f"seq_len {length} is smaller than the number of tokens {n} for grid {grid}")
         out = torch.zeros(x.shape[0], length, self.cfg.dim, dtype=torch.float32, device=tok.device)
         out[:, :n] = tok.flatten(2).transpose(1, 2)  # padding rows stay zero (no conv bias)
         return out, grid, n
@@ -408,15 +408,15 @@ class WanModel(nn.Module):
         """
         cfg = self.cfg
         if x.dim() != 5:
-            raise InputError(f"latents must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"latents must be [B, C, F, H, W], got shape {tuple(x.shape)}")
         if y is not None:
             if y.dim() != 5 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
-                raise InputError(f"conditioning y {tuple(y.shape)} does not match latents {tuple(x.shape)}")
+                raise ValueError(f"conditioning y {tuple(y.shape)} does not match latents {tuple(x.shape)}")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         elif cfg.model_type == "i2v":
-            raise InputError("an i2v model needs the image conditioning y")
+            raise ValueError("an i2v model needs the image conditioning y")
         if x.shape[1] != cfg.in_dim:
-            raise InputError(f"latents (+ y) have {x.shape[1]} channels; the model expects {cfg.in_dim}")
+            raise ValueError(f"latents (+ y) have {x.shape[1]} channels; the model expects {cfg.in_dim}")
         batch = x.shape[0]
         state = self.prepare(x, t, context, seq_len)
         h = self.run_blocks(state.h, state)
